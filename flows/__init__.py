@@ -1,0 +1,1 @@
+"""Prefect flows: thin wiring over veiltrain.tasks."""

@@ -1,0 +1,1 @@
+"""veiltrain: train on secret shares, reconstruct only on the owner."""

@@ -1,0 +1,87 @@
+"""Patches that make CrypTen 0.4.1 import, convert and train on current torch; applied on import."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from typing import Any
+
+_APPLIED = False
+
+
+def _alias_onnx_registration() -> None:
+    """torch >= 2.9 moved the ONNX symbolic registry that CrypTen imports at module load."""
+    old = "torch.onnx._internal.registration"
+    if old in sys.modules or importlib.util.find_spec(old) is not None:
+        return
+    sys.modules[old] = importlib.import_module(
+        "torch.onnx._internal.torchscript_exporter.registration"
+    )
+
+
+def _export_with_torchscript(converter: Any) -> None:
+    """torch >= 2.9 exports through dynamo by default; CrypTen needs the TorchScript exporter."""
+    import torch
+
+    def export(f: Any, pytorch_model: Any, dummy_input: Any) -> Any:
+        torch.onnx.export(
+            pytorch_model,
+            dummy_input,
+            f,
+            do_constant_folding=False,
+            export_params=True,
+            input_names=["input"],
+            output_names=["output"],
+            operator_export_type=torch.onnx.OperatorExportTypes.ONNX,
+            opset_version=converter._OPSET_VERSION,
+            dynamo=False,
+        )
+        return f
+
+    converter._export_pytorch_model = export
+
+
+def _add_identity(converter: Any, module: Any) -> None:
+    """Newer exporters emit ONNX Identity nodes (e.g. for shared weights); CrypTen has no such op."""
+
+    class Identity(module.Module):  # type: ignore[misc,name-defined]
+        """Passes its single input through unchanged."""
+
+        def forward(self, x: Any) -> Any:
+            return x
+
+        @staticmethod
+        def from_onnx(attributes: Any = None) -> Identity:
+            return Identity()
+
+    converter.ONNX_TO_CRYPTEN.setdefault("Identity", Identity)
+
+
+def _batchnorm_single_output(module: Any) -> None:
+    """Training-mode BatchNormalization returns a 5-tuple but the graph wires only output 0."""
+    original = module.BatchNormalization.forward
+    if getattr(original, "_veiltrain_patched", False):
+        return
+
+    def forward(self: Any, x: Any) -> Any:
+        out = original(self, x)
+        # Running statistics are updated in place by the autograd function; only Y is consumed.
+        return out[0] if isinstance(out, tuple) else out
+
+    forward._veiltrain_patched = True  # type: ignore[attr-defined]
+    module.BatchNormalization.forward = forward
+
+
+def apply() -> None:
+    """Apply every patch once; safe to call repeatedly."""
+    global _APPLIED  # noqa: PLW0603 - a process-wide, idempotent patch flag
+    if _APPLIED:
+        return
+    _alias_onnx_registration()
+    converter = importlib.import_module("crypten.nn.onnx_converter")
+    module = importlib.import_module("crypten.nn.module")
+    _export_with_torchscript(converter)
+    _add_identity(converter, module)
+    _batchnorm_single_output(module)
+    _APPLIED = True

@@ -1,0 +1,118 @@
+"""Run settings, validated once with pydantic; the same model is the Prefect parameter schema."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import secrets
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from veiltrain.errors import ConfigError, InsecureSetupError
+
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def new_run_id() -> str:
+    """A sortable, unique run id: UTC time plus random suffix."""
+    return datetime.now(UTC).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+
+
+class RunConfig(BaseModel):
+    """Everything one pipeline run needs; only JSON-friendly values."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dataset: str = Field("digits", description="'digits', a PATH.npz, or an image folder (one sub-folder per class)")
+    model: str = Field("small-cnn", description="'small-cnn', 'resnet18' or 'package.module:factory'")
+    model_kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the model factory")
+    epochs: int = Field(2, ge=1, le=1000)
+    batch_size: int = Field(64, ge=2, le=65536)
+    lr: float = Field(0.2, gt=0, le=100)
+    loss: Literal["cross-entropy", "mse"] = "cross-entropy"
+    parties: int = Field(2, description="compute parties (non-colluding); at least 2")
+    precision_bits: int = Field(16, ge=8, le=24, description="fractional bits of the fixed-point encoding")
+    seed: int = Field(0, ge=0, description="model initialisation and batch order (not masks: those are random)")
+    device: Literal["cpu", "cuda"] = "cpu"
+    standardize: bool = Field(True, description="standardise features with owner-only statistics")
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    max_samples: int | None = Field(None, ge=10, description="use only the first N samples (quick runs)")
+    out: str = Field("", description="owner's output folder; default runs/<run id>")
+    store: str = Field("", description="store URL; party i uses STORE/party-<i>; default OUT/store")
+    party_stores: list[str] = Field(default_factory=list, description="one store URL per party")
+    owner_store: str = Field("", description="owner-only URL for private state; default OUT/owner")
+    timeout_s: float = Field(300.0, gt=0, le=86400, description="longest wait for any party or network")
+    run_id: str = ""
+
+    @field_validator("parties")
+    @classmethod
+    def _two_parties(cls, v: int) -> int:
+        if v < 2:
+            raise InsecureSetupError(
+                f"--parties {v}: with one compute party its share IS the data (times 2^16); "
+                "use 2 or more non-colluding parties"
+            )
+        if v > 16:
+            raise ValueError("at most 16 parties are supported")
+        return v
+
+    @field_validator("run_id")
+    @classmethod
+    def _run_id(cls, v: str) -> str:
+        if v and not _RUN_ID.match(v):
+            raise ValueError("run id: letters, digits, '_', '.', '-' only, at most 64 characters")
+        return v
+
+    @model_validator(mode="after")
+    def _stores(self) -> RunConfig:
+        if self.party_stores and len(self.party_stores) != self.parties:
+            raise ValueError(
+                f"--party-store given {len(self.party_stores)} times for {self.parties} parties"
+            )
+        if len(set(self.stores())) != self.parties:
+            raise InsecureSetupError("two parties share one store location; give each its own")
+        return self
+
+    def resolved(self) -> RunConfig:
+        """Fill in run id and default locations (done once, by the owner, before any work)."""
+        run_id = self.run_id or new_run_id()
+        out = self.out or str(Path("runs") / run_id)
+        out = str(Path(out).expanduser().resolve())
+        store = self.store or (Path(out) / "store").as_uri()
+        owner = self.owner_store or str(Path(out) / "owner")
+        return self.model_copy(update={"run_id": run_id, "out": out, "store": store, "owner_store": owner})
+
+    def stores(self) -> list[str]:
+        """One URL per party: explicit, or STORE/party-<i>."""
+        if self.party_stores:
+            return list(self.party_stores)
+        base = (self.store or "store").rstrip("/")
+        return [f"{base}/party-{i}" for i in range(self.parties)]
+
+    def training_hash(self) -> str:
+        """Hash of the settings that must match for a checkpoint to be resumed."""
+        keys = ("run_id", "model", "model_kwargs", "batch_size", "lr", "loss", "parties",
+                "precision_bits", "seed")
+        blob = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def load_config(**options: Any) -> RunConfig:
+    """Validate options, turning pydantic's report into one ConfigError naming each bad option."""
+    try:
+        return RunConfig(**options)
+    except ValidationError as exc:
+        insecure = [e for e in exc.errors() if isinstance(e.get("ctx", {}).get("error"), InsecureSetupError)]
+        lines = [_describe(e) for e in exc.errors()]
+        error = InsecureSetupError if insecure else ConfigError
+        raise error("invalid options:\n  " + "\n  ".join(lines)) from None
+
+
+def _describe(error: Any) -> str:
+    where = ".".join(str(p) for p in error.get("loc", ())) or "options"
+    flag = "--" + where.replace("_", "-")
+    return f"{flag}: {error.get('msg', 'invalid')} (got {error.get('input')!r})"

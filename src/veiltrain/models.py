@@ -1,0 +1,113 @@
+"""Model factories by name: built-in ones and `package.module:factory` references, never pickles."""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from veiltrain.errors import ConfigError
+
+_REFERENCE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+class SmallCNN(nn.Module):
+    """A conv net cheap enough for MPC: average pooling (linear) instead of max pooling."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 16,
+                 image_size: int = 8) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, width, kernel_size=3, padding=1)
+        self.pool = nn.AvgPool2d(2)
+        self.fc = nn.Linear(width * (image_size // 2) ** 2, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.pool(torch.relu(self.conv(x)))
+        return self.fc(h.flatten(1))
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block: two 3x3 convs with BatchNorm and a residual addition."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut: nn.Module = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(h)) + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 (2-2-2-2 basic blocks); `width` scales channels for small inputs or budgets."""
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, width: int = 64,
+                 image_size: int = 32) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+        )
+        # Max pooling only where the input is large enough to afford it.
+        self.pool: nn.Module = nn.MaxPool2d(2) if image_size >= 32 else nn.Identity()
+        layers: list[nn.Module] = []
+        cin = width
+        for i, mult in enumerate((1, 2, 4, 8)):
+            stride = 1 if i == 0 else 2
+            layers += [BasicBlock(cin, width * mult, stride), BasicBlock(width * mult, width * mult, 1)]
+            cin = width * mult
+        self.layers = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layers(self.pool(self.stem(x))))
+
+
+BUILTIN: dict[str, Callable[..., nn.Module]] = {"small-cnn": SmallCNN, "resnet18": ResNet18}
+
+
+def resolve(reference: str) -> Callable[..., nn.Module]:
+    """The factory a reference names: a built-in name or `package.module:factory`."""
+    if reference in BUILTIN:
+        return BUILTIN[reference]
+    if not _REFERENCE.match(reference):
+        raise ConfigError(
+            f"--model {reference!r}: use one of {sorted(BUILTIN)} or 'package.module:factory'"
+        )
+    module_name, attr = reference.split(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(
+            f"--model {reference!r}: cannot import {attr!r} from {module_name!r} ({exc}); "
+            "check that the module is importable (on PYTHONPATH) on every party"
+        ) from exc
+    if not callable(factory):
+        raise ConfigError(f"--model {reference!r}: {attr!r} is not callable")
+    return factory  # type: ignore[no-any-return]
+
+
+def build(reference: str, kwargs: Mapping[str, Any], seed: int) -> nn.Module:
+    """Call the factory with a fixed torch seed (initial weights are reproducible for the owner)."""
+    factory = resolve(reference)
+    torch.manual_seed(seed)
+    try:
+        model = factory(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"--model-kwargs {dict(kwargs)} do not fit {reference!r}: {exc}") from exc
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"--model {reference!r} returned {type(model).__name__}, not nn.Module")
+    return model

@@ -1,0 +1,191 @@
+"""One small session object around CrypTen's process-wide state, plus model share loading."""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from veiltrain import compat
+from veiltrain.errors import ConfigError, InsecureSetupError, PartyError
+
+compat.apply()
+
+import crypten  # noqa: E402  (needs the compatibility patches first)
+import crypten.nn  # noqa: E402
+from crypten.mpc import MPCTensor  # noqa: E402
+
+_ENV_KEYS = ("RANK", "WORLD_SIZE", "RENDEZVOUS", "DISTRIBUTED_BACKEND")
+
+
+@dataclass(frozen=True)
+class PartySpec:
+    """Where one process sits in the computation: rank n (= world size) is the dealer."""
+
+    rank: int
+    world_size: int
+    rendezvous: str
+    timeout_s: float = 120.0
+    precision_bits: int = 16
+    device: str = "cpu"
+
+    @property
+    def is_dealer(self) -> bool:
+        """The trusted dealer (CrypTen's TTP) takes the rank after the last compute party."""
+        return self.rank == self.world_size
+
+    def validate(self) -> None:
+        """Refuse set-ups that would give one process the data."""
+        if self.world_size < 2:
+            raise InsecureSetupError(
+                f"world size {self.world_size}: with fewer than 2 compute parties a share IS "
+                "the data; use --parties 2 or more"
+            )
+        if not 0 <= self.rank <= self.world_size:
+            raise ConfigError(f"rank {self.rank} is outside 0..{self.world_size}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"party {self.rank}: --device {self.device} but no CUDA device here")
+
+
+def _with_timeout(fn: Any, timeout: dt.timedelta) -> Any:
+    """Give CrypTen's process-group calls a timeout (it passes none: gloo waits 30 minutes)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("timeout", timeout)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@contextmanager
+def _patched_dist(timeout_s: float) -> Iterator[None]:
+    dist = torch.distributed
+    saved = dist.init_process_group, dist.new_group
+    timeout = dt.timedelta(seconds=timeout_s)
+    dist.init_process_group = _with_timeout(saved[0], timeout)
+    dist.new_group = _with_timeout(saved[1], timeout)
+    try:
+        yield
+    finally:
+        dist.init_process_group, dist.new_group = saved
+
+
+def _configure(spec: PartySpec) -> None:
+    os.environ.update(
+        RANK=str(spec.rank),
+        WORLD_SIZE=str(spec.world_size),
+        RENDEZVOUS=spec.rendezvous,
+        DISTRIBUTED_BACKEND="gloo",
+    )
+    # TTP: Beaver triples come from the owner-side dealer, never from rank 0 (TFP's default).
+    crypten.cfg.mpc.provider = "TTP"
+    crypten.cfg.encoder.precision_bits = spec.precision_bits
+    # Three Newton steps leave inv_sqrt 5 % off below 0.1 (BatchNorm on small variances).
+    crypten.cfg.functions.sqrt_nr_iters = 6
+
+
+@contextmanager
+def session(spec: PartySpec) -> Iterator[None]:
+    """Join the rendezvous as one party (or the dealer) and leave cleanly, with timeouts."""
+    spec.validate()
+    _configure(spec)
+    who = "the dealer" if spec.is_dealer else f"party {spec.rank}"
+    try:
+        with _patched_dist(spec.timeout_s):
+            if spec.is_dealer:
+                crypten.mpc.provider.TTPServer()
+                yield
+                return
+            crypten.init(device=spec.device if spec.device != "cpu" else None)
+            try:
+                yield
+            finally:
+                crypten.uninit()
+    except (RuntimeError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise PartyError(
+            f"{who}: the multi-party computation failed or timed out after "
+            f"{spec.timeout_s:.0f} s ({type(exc).__name__}: {str(exc)[:300]}); check that every "
+            f"party 0..{spec.world_size - 1} and the dealer started and reach {spec.rendezvous}"
+        ) from exc
+
+
+def to_crypten(model: torch.nn.Module, dummy_input: torch.Tensor) -> Any:
+    """Convert a PyTorch module to a CrypTen graph whose parameter nodes are its state_dict keys."""
+    cmodel = crypten.nn.from_pytorch(model, dummy_input)
+    _untie_initializers(cmodel, model)
+    return cmodel
+
+
+def _untie_initializers(cmodel: Any, model: torch.nn.Module) -> None:
+    """The ONNX exporter folds equal initializers into Identity nodes (BatchNorm's weight=1 and
+    running_var=1); the in-place running-statistics update then overwrote the aliased weight.
+    Give every state_dict entry its own Parameter node; buffers become untrainable."""
+    graph = getattr(cmodel, "_graph", None)
+    if graph is None:
+        return
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    for name, tensor in {**params, **buffers}.items():
+        node = cmodel._modules.get(name)
+        if node is None:
+            continue
+        if not isinstance(node, crypten.nn.Parameter) or name in buffers:
+            cmodel._modules[name] = crypten.nn.Parameter(
+                tensor.detach().clone(), trainable=name in params
+            )
+            graph[name] = []
+
+
+def parameter_nodes(cmodel: Any) -> dict[str, Any]:
+    """The Parameter nodes of a converted graph, by state_dict key."""
+    return {
+        name: mod
+        for name, mod in cmodel._modules.items()
+        if isinstance(mod, crypten.nn.Parameter)
+    }
+
+
+def _node_value(node: Any) -> Any:
+    return node._parameters.get("data", node._buffers.get("data"))
+
+
+def load_shares(cmodel: Any, shares: Mapping[str, torch.Tensor], precision_bits: int) -> None:
+    """Replace every (encrypted) parameter of `cmodel` with this party's share of it."""
+    nodes = parameter_nodes(cmodel)
+    missing = sorted(set(nodes) - set(shares))
+    if missing:
+        raise ConfigError(f"parameter shares missing for {missing}; re-run encrypt_model")
+    for name, node in nodes.items():
+        value = MPCTensor.from_shares(shares[name].to(torch.int64), precision=precision_bits)
+        if "data" in node._parameters:
+            value.requires_grad = True
+            node.set_parameter("data", value)
+        else:
+            node.set_buffer("data", value)
+
+
+def export_shares(cmodel: Any) -> dict[str, torch.Tensor]:
+    """This party's int64 share of every parameter and buffer, by state_dict key."""
+    return {
+        name: _node_value(node).share.detach().clone().contiguous()
+        for name, node in parameter_nodes(cmodel).items()
+    }
+
+
+def from_shares(share: torch.Tensor, precision_bits: int) -> Any:
+    """Wrap this party's int64 share of a tensor as an MPCTensor (no communication)."""
+    return MPCTensor.from_shares(share.to(torch.int64), precision=precision_bits)
+
+
+def share_of(value: Any) -> torch.Tensor:
+    """This party's int64 share of an MPCTensor: what a party may store, never a plaintext."""
+    return value.share.detach().clone()

@@ -1,0 +1,244 @@
+"""Owner-side stages before training: encode and split data and model, then upload per party."""
+
+from __future__ import annotations
+
+import io
+import json
+import secrets
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save as save_safetensors
+
+from veiltrain import data, models, sharing
+from veiltrain.config import RunConfig
+from veiltrain.errors import ConfigError, IntegrityError
+from veiltrain.ffrecord import FileWriter
+from veiltrain.store import Location, check_objects, sha256_bytes
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "veiltrain.party-manifest"
+MANIFEST_VERSION = 1
+_SHARD_BYTES = 64 << 20
+
+
+def owner_location(cfg: RunConfig) -> Location:
+    """The owner's private store: plaintext splits, statistics, staging; never a party's."""
+    return Location(cfg.owner_store, role="owner")
+
+
+def staging(cfg: RunConfig, party: int) -> Location:
+    """Where party i's artifacts wait before upload."""
+    return owner_location(cfg).child(f"staging/party-{party}")
+
+
+def party_location(cfg: RunConfig, party: int) -> Location:
+    """Party i's own store location, with party i's credentials."""
+    return Location(cfg.stores()[party], role=f"party-{party}")
+
+
+# ------------------------------------------------------------------------------- data set
+
+
+def encrypt_dataset(cfg: RunConfig) -> dict[str, Any]:
+    """Split the training set into per-party shares; keep test split and statistics private."""
+    ds = data.load(cfg.dataset, cfg.test_fraction, cfg.seed, cfg.max_samples)
+    scaler = (data.Standardizer.fit(ds.x_train) if cfg.standardize
+              else data.Standardizer.identity(ds.sample_shape))
+    x_train = scaler.apply(ds.x_train)
+    records = np.concatenate(
+        [x_train.reshape(len(x_train), -1), data.one_hot(ds.y_train, ds.num_classes)], axis=1
+    )
+    encoded = sharing.encode(records, cfg.precision_bits)
+    share0, seed_shares = sharing.split(encoded, cfg.parties)
+    info = _dataset_info(ds, records.shape[1])
+    _write_shards(staging(cfg, 0).child("dataset"), share0)
+    staging(cfg, 0).write_json("dataset/info.json", {**info, "format": "ffrecord"})
+    for party, seed_share in enumerate(seed_shares, start=1):
+        staging(cfg, party).write_json(
+            "dataset/info.json", {**info, "format": "keystream", "seed_share": seed_share.to_json()}
+        )
+    private = _save_private(cfg, ds, scaler, x_train)
+    return {**info, "order_seed": private["order_seed"]}
+
+
+def _dataset_info(ds: data.Dataset, record_words: int) -> dict[str, Any]:
+    # Shapes and counts are visible to parties by design (see the threat model).
+    return {
+        "count": len(ds.x_train),
+        "record_words": record_words,
+        "sample_shape": list(ds.sample_shape),
+        "num_classes": ds.num_classes,
+        "test_count": len(ds.x_test),
+    }
+
+
+def _write_shards(loc: Location, share: np.ndarray[Any, Any]) -> None:
+    per_shard = max(1, _SHARD_BYTES // (share.shape[1] * 8))
+    loc.fs.makedirs(loc.root, exist_ok=True)  # FileWriter, like the reference, needs the folder
+    for first in range(0, len(share), per_shard):
+        rows = share[first : first + per_shard]
+        name = f"shard-{first // per_shard:05d}.ffr"
+        with FileWriter(loc.path(name), len(rows), fs=loc.fs) as writer:
+            for row in rows:
+                writer.write_one(row.astype("<i8", copy=False).tobytes())
+
+
+def _save_private(cfg: RunConfig, ds: data.Dataset, scaler: data.Standardizer,
+                  x_train: np.ndarray[Any, Any]) -> dict[str, Any]:
+    owner = owner_location(cfg)
+    # The batch order is public to parties; it comes from its own random seed so that it says
+    # nothing about --seed (which also fixes the secret initial weights).
+    meta = {"order_seed": secrets.randbits(62), "classes": ds.classes}
+    owner.write_bytes("private/train.npz", _npz(x=x_train, y=ds.y_train))
+    owner.write_bytes("private/test.npz", _npz(x=scaler.apply(ds.x_test), y=ds.y_test))
+    owner.write_bytes("private/scaler.npz", _npz(mean=scaler.mean, scale=scaler.scale))
+    owner.write_json("private/dataset.json", meta)
+    return meta
+
+
+def _npz(**arrays: np.ndarray[Any, Any]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def load_npz(loc: Location, name: str) -> dict[str, np.ndarray[Any, Any]]:
+    """Read an owner-side .npz without ever unpickling."""
+    with np.load(io.BytesIO(loc.read_bytes(name)), allow_pickle=False) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+# ---------------------------------------------------------------------------------- model
+
+
+def model_kwargs(cfg: RunConfig, sample_shape: list[int], num_classes: int) -> dict[str, Any]:
+    """Built-in models get their input and output sizes from the data unless given."""
+    kwargs = dict(cfg.model_kwargs)
+    if cfg.model in models.BUILTIN:
+        kwargs.setdefault("in_channels", sample_shape[0])
+        kwargs.setdefault("num_classes", num_classes)
+        kwargs.setdefault("image_size", sample_shape[-1])
+    return kwargs
+
+
+def encrypt_model(cfg: RunConfig) -> dict[str, Any]:
+    """Share the initial parameters per party as safetensors; the factory is named, not pickled."""
+    ds = data.load(cfg.dataset, cfg.test_fraction, cfg.seed, cfg.max_samples)
+    kwargs = model_kwargs(cfg, list(ds.sample_shape), ds.num_classes)
+    model = models.build(cfg.model, kwargs, cfg.seed)
+    _check_forward(model, ds, cfg.model)
+    state = {k: v.detach().double() for k, v in model.state_dict().items() if v.is_floating_point()}
+    owner_location(cfg).write_bytes("private/initial.safetensors", save_safetensors(
+        {k: v.float().contiguous() for k, v in state.items()}))
+    per_party: list[dict[str, torch.Tensor]] = [{} for _ in range(cfg.parties)]
+    for name, tensor in state.items():
+        shares = sharing.split_full(sharing.encode(tensor.numpy(), cfg.precision_bits), cfg.parties)
+        for party, share in enumerate(shares):
+            per_party[party][name] = torch.from_numpy(share).contiguous()
+    spec = {"factory": cfg.model, "kwargs": kwargs, "sample_shape": list(ds.sample_shape),
+            "num_classes": ds.num_classes, "parameters": {k: list(v.shape) for k, v in state.items()}}
+    for party, shares in enumerate(per_party):
+        staging(cfg, party).write_bytes("model/params.safetensors", save_safetensors(shares))
+        staging(cfg, party).write_json("model/spec.json", spec)
+    return {"parameters": len(state), "values": sum(v.numel() for v in state.values())}
+
+
+def _check_forward(model: torch.nn.Module, ds: data.Dataset, reference: str) -> None:
+    """Fail on the owner, before any upload, if the model does not fit the data."""
+    x = torch.zeros((2, *ds.sample_shape))
+    try:
+        with torch.no_grad():
+            out = model.eval()(x)
+    except RuntimeError as exc:
+        raise ConfigError(
+            f"--model {reference}: a forward pass on samples of shape {ds.sample_shape} failed: "
+            f"{str(exc)[:300]}; adjust --model-kwargs"
+        ) from exc
+    if tuple(out.shape) != (2, ds.num_classes):
+        raise ConfigError(
+            f"--model {reference}: output shape {tuple(out.shape[1:])} but the data has "
+            f"{ds.num_classes} classes; adjust --model-kwargs"
+        )
+
+
+# --------------------------------------------------------------------------------- upload
+
+
+def upload(cfg: RunConfig) -> dict[str, Any]:
+    """Copy each party's staged artifacts to its store; the manifest goes last. Idempotent."""
+    summary: dict[str, Any] = {"uploaded": 0, "skipped": 0, "bytes": 0}
+    for party in range(cfg.parties):
+        counts = _upload_party(cfg, party)
+        for key in summary:
+            summary[key] += counts[key]
+    return summary
+
+
+def _upload_party(cfg: RunConfig, party: int) -> dict[str, int]:
+    src, dst = staging(cfg, party), party_location(cfg, party)
+    previous = _previous_objects(dst)
+    objects: dict[str, dict[str, Any]] = {}
+    counts = {"uploaded": 0, "skipped": 0, "bytes": 0}
+    for name in src.list():
+        digest, size = src.sha256(name), src.size(name)
+        objects[name] = {"sha256": digest, "size": size}
+        if previous.get(name) == objects[name] and dst.exists(name) and dst.size(name) == size:
+            counts["skipped"] += 1
+            continue
+        if counts["uploaded"] == 0 and previous:
+            dst.remove(MANIFEST)  # never leave an old manifest describing objects being replaced
+        with src.open_read(name) as stream:
+            dst.put_stream(name, stream)
+        counts["uploaded"] += 1
+        counts["bytes"] += size
+    check_objects(dst, objects, deep=True)
+    manifest = _manifest(cfg, party, objects)
+    if previous.get("__manifest__") != sha256_bytes(_canonical(manifest)):
+        dst.write_json(MANIFEST, manifest)
+    return counts
+
+
+def _canonical(manifest: dict[str, Any]) -> bytes:
+    body = {k: v for k, v in manifest.items() if k != "created"}
+    return json.dumps(body, sort_keys=True).encode()
+
+
+def _previous_objects(dst: Location) -> dict[str, Any]:
+    if not dst.exists(MANIFEST):
+        return {}
+    try:
+        old = read_manifest(dst)
+    except IntegrityError:
+        return {}  # a damaged manifest is simply rewritten after a full upload
+    return {**old["objects"], "__manifest__": sha256_bytes(_canonical(old))}
+
+
+def _manifest(cfg: RunConfig, party: int, objects: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "format": MANIFEST_FORMAT,
+        "version": MANIFEST_VERSION,
+        "run_id": cfg.run_id,
+        "party": party,
+        "parties": cfg.parties,
+        "precision_bits": cfg.precision_bits,
+        "created": datetime.now(UTC).isoformat(),
+        "objects": objects,
+    }
+
+
+def read_manifest(loc: Location) -> dict[str, Any]:
+    """Read and check a party manifest's structure (not yet the objects)."""
+    manifest = loc.read_json(MANIFEST)
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise IntegrityError(f"{loc.url}/{MANIFEST}: not a veiltrain party manifest")
+    if manifest.get("version") != MANIFEST_VERSION:
+        raise IntegrityError(
+            f"{loc.url}/{MANIFEST}: version {manifest.get('version')}, this veiltrain reads "
+            f"{MANIFEST_VERSION}; re-run encrypt and upload with this version"
+        )
+    if not isinstance(manifest.get("objects"), dict):
+        raise IntegrityError(f"{loc.url}/{MANIFEST}: no object list")
+    return manifest

@@ -1,0 +1,189 @@
+"""Owner-only reconstruction: loss curve and model from every party's shares, parity and report."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load as load_safetensors
+
+from veiltrain import data, models, sharing
+from veiltrain.config import RunConfig
+from veiltrain.errors import IntegrityError
+from veiltrain.owner import load_npz, owner_location, party_location
+from veiltrain.store import Location, sha256_bytes
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    """What only the owner ever sees: the decrypted loss curve and parameters."""
+
+    epochs: int
+    losses: list[float]
+    state: dict[str, torch.Tensor]
+
+
+def _read_checked(loc: Location, folder: str, name: str, record: dict[str, Any]) -> bytes:
+    blob = loc.read_bytes(f"{folder}/{name}")
+    expected = record["objects"].get(name, {}).get("sha256")
+    if sha256_bytes(blob) != expected:
+        raise IntegrityError(f"{loc.url}/{folder}/{name}: SHA-256 differs from checkpoint.json")
+    return blob
+
+
+def common_epoch(cfg: RunConfig) -> int:
+    """Newest epoch for which every party has a complete checkpoint of this run."""
+    epochs = []
+    for party in range(cfg.parties):
+        loc = party_location(cfg, party)
+        done = {int(n.split("/")[1].split("-")[1]) for n in loc.list("checkpoints")
+                if n.endswith("/checkpoint.json")}
+        epochs.append(max(done, default=0))
+    epoch = min(epochs)
+    if epoch == 0:
+        raise IntegrityError(
+            f"no party checkpoint found in {cfg.stores()} for run {cfg.run_id}; run the train stage"
+        )
+    return epoch
+
+
+def reconstruct(cfg: RunConfig) -> Reconstruction:
+    """Sum every party's loss and parameter shares (mod 2^64) and decode."""
+    epoch = common_epoch(cfg)
+    loss_shares: list[np.ndarray[Any, Any]] = []
+    param_shares: list[dict[str, torch.Tensor]] = []
+    for party in range(cfg.parties):
+        losses, params = _party_shares(cfg, party, epoch)
+        loss_shares.append(losses)
+        param_shares.append(params)
+    losses = sharing.decode(sharing.reconstruct(loss_shares), cfg.precision_bits)
+    state = {
+        name: torch.from_numpy(sharing.decode(
+            sharing.reconstruct([p[name].numpy() for p in param_shares]), cfg.precision_bits
+        )).float()
+        for name in param_shares[0]
+    }
+    return Reconstruction(epoch, [float(v) for v in losses], state)
+
+
+def _party_shares(cfg: RunConfig, party: int, last: int) -> tuple[np.ndarray[Any, Any], dict[str, torch.Tensor]]:
+    loc = party_location(cfg, party)
+    losses = []
+    params: dict[str, torch.Tensor] = {}
+    for epoch in range(1, last + 1):
+        folder = f"checkpoints/epoch-{epoch:04d}"
+        record = loc.read_json(f"{folder}/checkpoint.json")
+        if record.get("run_id") != cfg.run_id or record.get("settings_hash") != cfg.training_hash():
+            raise IntegrityError(f"{loc.url}/{folder}: belongs to another run or other settings")
+        losses.append(load_safetensors(_read_checked(loc, folder, "losses.safetensors", record))["loss"])
+        if epoch == last:
+            params = load_safetensors(_read_checked(loc, folder, "params.safetensors", record))
+    return torch.cat(losses).numpy(), params
+
+
+def restore_model(cfg: RunConfig, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A plain PyTorch model with the decrypted parameters (integer buffers keep their init)."""
+    spec = owner_location(cfg).child("staging/party-0").read_json("model/spec.json")
+    model = models.build(spec["factory"], spec["kwargs"], cfg.seed)
+    merged = {**model.state_dict(), **state}
+    model.load_state_dict(merged)
+    return model
+
+
+def accuracy(model: torch.nn.Module, x: np.ndarray[Any, Any], y: np.ndarray[Any, Any]) -> float:
+    """Top-1 accuracy in eval mode."""
+    with torch.no_grad():
+        logits = model.eval()(torch.from_numpy(x).float())
+    return float((logits.argmax(1).numpy() == y).mean())
+
+
+def shadow_training(cfg: RunConfig, order_seed: int) -> tuple[torch.nn.Module, list[float]]:
+    """Plaintext training with the same initial weights, batches and schedule, for parity."""
+    owner = owner_location(cfg)
+    train = load_npz(owner, "private/train.npz")
+    initial = load_safetensors(owner.read_bytes("private/initial.safetensors"))
+    model = restore_model(cfg, initial).train()
+    x, y = torch.from_numpy(train["x"]).float(), torch.from_numpy(train["y"])
+    classes = int(owner.child("staging/party-0").read_json("dataset/info.json")["num_classes"])
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    losses = []
+    steps = math.ceil(len(x) / cfg.batch_size)
+    for epoch in range(1, cfg.epochs + 1):
+        order = data.batch_order(len(x), epoch, order_seed)
+        for step in range(steps):
+            idx = torch.from_numpy(order[step * cfg.batch_size : (step + 1) * cfg.batch_size])
+            loss = _plain_loss(cfg.loss, model(x[idx]), y[idx], classes)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+    return model, losses
+
+
+def _plain_loss(name: str, out: torch.Tensor, y: torch.Tensor, classes: int) -> torch.Tensor:
+    if name == "mse":
+        target = torch.nn.functional.one_hot(y, classes).float()
+        return torch.nn.functional.mse_loss(out, target)
+    return torch.nn.functional.cross_entropy(out, y)
+
+
+def plot(path: str, losses: list[float], plain: list[float]) -> bytes:
+    """Loss curves (decrypted and plaintext shadow) as PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import io
+
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(range(1, len(plain) + 1), plain, label="plaintext shadow", lw=2, alpha=0.6)
+    ax.plot(range(1, len(losses) + 1), losses, label="decrypted (trained on shares)", lw=1.2)
+    ax.set(xlabel="step", ylabel="training loss", title=path)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def build_report(cfg: RunConfig, stage_seconds: dict[str, float]) -> dict[str, Any]:
+    """Decrypt, evaluate, compare with the plaintext shadow; write report.json and loss.png."""
+    owner = owner_location(cfg)
+    rec = reconstruct(cfg)
+    meta = owner.read_json("private/dataset.json")
+    test = load_npz(owner, "private/test.npz")
+    model = restore_model(cfg, rec.state)
+    shadow, plain = shadow_training(cfg, int(meta["order_seed"]))
+    plain = plain[: len(rec.losses)]
+    gap = max((abs(a - b) for a, b in zip(rec.losses, plain, strict=True)), default=0.0)
+    report = {
+        "run_id": cfg.run_id, "parties": cfg.parties, "epochs": rec.epochs,
+        "dataset": cfg.dataset, "model": cfg.model, "batch_size": cfg.batch_size, "lr": cfg.lr,
+        "loss": cfg.loss, "precision_bits": cfg.precision_bits,
+        "losses": rec.losses, "plaintext_losses": plain, "max_loss_gap": gap,
+        "test_accuracy": accuracy(model, test["x"], test["y"]),
+        "plaintext_test_accuracy": accuracy(shadow, test["x"], test["y"]),
+        "test_samples": len(test["y"]), "stage_seconds": stage_seconds,
+        "party_stores": cfg.stores(),
+    }
+    report["accuracy_gap"] = report["plaintext_test_accuracy"] - report["test_accuracy"]
+    out = Location(cfg.out, role="owner")
+    out.write_bytes("loss.png", plot(f"run {cfg.run_id}", rec.losses, plain))
+    out.write_json("report.json", report)
+    from safetensors.torch import save as save_safetensors
+
+    out.write_bytes("model.safetensors", save_safetensors(
+        {k: v.contiguous() for k, v in model.state_dict().items()}))
+    return report
+
+
+def summary_json(report: dict[str, Any]) -> str:
+    """The report without the long curves, for logs and artifacts."""
+    short = {k: v for k, v in report.items() if k not in ("losses", "plaintext_losses")}
+    return json.dumps(short, indent=1)

@@ -1,0 +1,1 @@
+"""Prefect tasks: library calls with declared retries."""
