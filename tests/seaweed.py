@@ -202,6 +202,19 @@ def _stop(proc: subprocess.Popen[bytes], ports: list[int], workdir: Path) -> Non
     shutil.rmtree(workdir, ignore_errors=True)
 
 
+def _launch(command: list[str], workdir: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    with log_path.open("wb") as log:
+        return subprocess.Popen(
+            command,
+            cwd=workdir,
+            env=_environment(),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # a Ctrl-C in pytest must not reach weed mid-teardown
+        )
+
+
 @contextlib.contextmanager
 def running_seaweed() -> Iterator[S3Server]:
     """Start weed mini on free loopback ports, create the buckets, stop and clean up after."""
@@ -215,16 +228,7 @@ def running_seaweed() -> Iterator[S3Server]:
     config.chmod(0o600)
     log_path = workdir / "weed.log"
     endpoint = f"http://127.0.0.1:{ports['s3.port']}"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            _command(weed_binary(), workdir, ports, config),
-            cwd=workdir,
-            env=_environment(),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # a Ctrl-C in pytest must not reach weed mid-teardown
-        )
+    proc = _launch(_command(weed_binary(), workdir, ports, config), workdir, log_path)
     try:
         _wait_ready(proc, endpoint, log_path)
         server = S3Server(endpoint, identities, log_path)

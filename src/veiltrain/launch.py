@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import socket
 import subprocess
@@ -12,7 +13,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -40,7 +41,6 @@ class _Proc:
     popen: subprocess.Popen[str]
     log: IO[str]
     log_path: Path
-    events: list[dict[str, Any]] = field(default_factory=list)
 
     def tail(self, lines: int = 15) -> str:
         self.log.flush()
@@ -67,7 +67,7 @@ def _start(name: str, cmd: list[str], logdir: Path) -> _Proc:
     return _Proc(name, popen, log, log_path)
 
 
-def _reader(proc: _Proc, on_event: ProgressFn, last_seen: list[float]) -> None:
+def _reader(proc: _Proc, events: queue.Queue[dict[str, Any]]) -> None:
     assert proc.popen.stdout is not None  # created with stdout=PIPE
     for line in proc.popen.stdout:
         try:
@@ -75,9 +75,7 @@ def _reader(proc: _Proc, on_event: ProgressFn, last_seen: list[float]) -> None:
         except json.JSONDecodeError:
             proc.log.write(line)
             continue
-        last_seen[0] = time.monotonic()
-        proc.events.append(event)
-        on_event({"party": proc.name, **event})
+        events.put({"party": proc.name, **event})
 
 
 def run_local(stores: Sequence[str], job: TrainJob, on_event: ProgressFn,
@@ -90,13 +88,12 @@ def run_local(stores: Sequence[str], job: TrainJob, on_event: ProgressFn,
     procs = [_start(f"party {r}", _command(r, world, rendezvous, stores[r], job), folder)
              for r in range(world)]
     procs.append(_start("dealer", _command(world, world, rendezvous, "", job), folder))
-    last_seen = [time.monotonic()]
-    threads = [threading.Thread(target=_reader, args=(p, on_event, last_seen), daemon=True)
-               for p in procs]
+    events: queue.Queue[dict[str, Any]] = queue.Queue()
+    threads = [threading.Thread(target=_reader, args=(p, events), daemon=True) for p in procs]
     for t in threads:
         t.start()
     try:
-        _watch(procs, job.timeout_s, last_seen)
+        _watch(procs, job.timeout_s, events, on_event)
     finally:
         _stop(procs)
         for t in threads:
@@ -104,8 +101,24 @@ def run_local(stores: Sequence[str], job: TrainJob, on_event: ProgressFn,
     return {"logs": str(folder), "rendezvous": rendezvous}
 
 
-def _watch(procs: list[_Proc], timeout_s: float, last_seen: list[float]) -> None:
+def _drain(events: queue.Queue[dict[str, Any]], on_event: ProgressFn) -> bool:
+    """Deliver queued events on the caller's thread (progress sinks need not be thread-safe)."""
+    seen = False
     while True:
+        try:
+            event = events.get_nowait()
+        except queue.Empty:
+            return seen
+        seen = True
+        on_event(event)
+
+
+def _watch(procs: list[_Proc], timeout_s: float, events: queue.Queue[dict[str, Any]],
+           on_event: ProgressFn) -> None:
+    last_seen = time.monotonic()
+    while True:
+        if _drain(events, on_event):
+            last_seen = time.monotonic()
         codes = [p.popen.poll() for p in procs]
         failed = [p for p, c in zip(procs, codes, strict=True) if c not in (None, 0)]
         if failed:
@@ -115,8 +128,10 @@ def _watch(procs: list[_Proc], timeout_s: float, last_seen: list[float]) -> None
                 f"{first.log_path} ends:\n{first.tail()}"
             )
         if all(c == 0 for c in codes):
+            time.sleep(0.05)  # let the readers hand over the last lines
+            _drain(events, on_event)
             return
-        if time.monotonic() - last_seen[0] > timeout_s + 30:
+        if time.monotonic() - last_seen > timeout_s + 30:
             waiting = ", ".join(p.name for p, c in zip(procs, codes, strict=True) if c is None)
             raise PartyError(f"no progress for {timeout_s:.0f} s; still running: {waiting}")
         time.sleep(0.2)
@@ -135,3 +150,12 @@ def _stop(procs: list[_Proc]) -> None:
             p.popen.kill()
             p.popen.wait()
         p.log.close()
+
+
+def train_job(cfg: Any, order_seed: int) -> TrainJob:
+    """The public part of a run's settings that the parties receive."""
+    return TrainJob(
+        run_id=cfg.run_id, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+        loss=cfg.loss, precision_bits=cfg.precision_bits, order_seed=order_seed,
+        settings_hash=cfg.training_hash(), device=cfg.device, timeout_s=cfg.timeout_s,
+    )

@@ -1,0 +1,46 @@
+# veiltrain: `make demo` and `make test` work on a fresh clone; `make venv` is their common base.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+# CPU build from local disk here; a GPU cluster image installs its CUDA torch before `make venv`
+# (TORCH_SPEC="torch==2.13.0" picks the index's default CUDA build; see README).
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
+
+.PHONY: venv demo test lint typecheck unit bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@command -v $(PY) >/dev/null || { echo "need $(PY) (set PY=python3.x, 3.11+)"; exit 1; }
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	# crypten 0.4.1's metadata requires the dead `sklearn` package and torchvision: install it
+	# alone; its real runtime needs are declared in pyproject.toml.
+	$(BIN)/pip install -q --no-deps crypten==0.4.1
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+demo: venv
+	PREFECT_HOME=$(CURDIR)/.prefect $(BIN)/veiltrain run
+
+lint: venv
+	$(BIN)/ruff check src flows tasks tests bench
+	$(BIN)/ruff format --check src flows tasks tests bench
+
+typecheck: venv
+	$(BIN)/mypy
+
+unit: venv
+	$(BIN)/python -m pytest -q
+
+test: lint typecheck unit
+
+bench: venv
+	$(BIN)/python bench/bench_sharing.py --out bench/results/sharing.json
+
+clean:
+	rm -rf $(VENV) .prefect .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -1,0 +1,107 @@
+"""The `veiltrain` command: validate options, then run the pipeline flow inline."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from veiltrain.config import RunConfig, load_config
+from veiltrain.errors import VeiltrainError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="veiltrain", description="Train on secret shares; only the owner decrypts.")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the whole pipeline inline (local parties, local store)")
+    run.add_argument("--dataset", help="digits | PATH.npz | IMAGE_DIR")
+    run.add_argument("--model", help="small-cnn | resnet18 | package.module:factory")
+    run.add_argument("--model-kwargs", type=_json_object, help="JSON object of factory arguments")
+    for flag, kind in [("--epochs", int), ("--batch-size", int), ("--lr", float), ("--parties", int),
+                       ("--precision-bits", int), ("--seed", int), ("--max-samples", int),
+                       ("--test-fraction", float), ("--timeout-s", float)]:
+        run.add_argument(flag, type=kind)
+    run.add_argument("--loss", help="cross-entropy | mse")
+    run.add_argument("--device", help="cpu | cuda")
+    run.add_argument("--no-standardize", dest="standardize", action="store_false", default=None)
+    run.add_argument("--store", help="store URL; party i uses STORE/party-<i>")
+    run.add_argument("--party-store", dest="party_stores", action="append", help="one per party")
+    run.add_argument("--owner-store", help="owner-only URL for private state")
+    run.add_argument("--out", help="output folder (default runs/<run id>)")
+    run.add_argument("--run-id")
+    return p
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object, e.g. '{\"width\": 8}'")
+    return value
+
+
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if k != "command" and v is not None}
+
+
+def _prefect_defaults() -> None:
+    # Embedded mode: an ephemeral server, no telemetry, and patience on a fresh database.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
+def _link_latest(out: str) -> None:
+    latest = Path("runs") / "latest"
+    latest.parent.mkdir(exist_ok=True)
+    tmp = latest.with_name(".latest.tmp")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(Path(out).resolve(), target_is_directory=True)
+    tmp.replace(latest)
+
+
+def _summary(report: dict[str, Any], seconds: float) -> str:
+    r = report
+    return "\n".join([
+        f"veiltrain run {r['run_id']}: {r['parties']} parties, {r['epochs']} epochs, "
+        f"{len(r['losses'])} steps in {seconds:.0f} s",
+        f"  test accuracy (trained on shares): {r['test_accuracy']:.2%}",
+        f"  plaintext shadow accuracy:         {r['plaintext_test_accuracy']:.2%}",
+        f"  largest loss gap vs plaintext:     {r['max_loss_gap']:.4f}",
+        f"  final loss: {r['losses'][-1]:.4f} (plaintext {r['plaintext_losses'][-1]:.4f})",
+        "  stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in r["stage_seconds"].items()),
+    ])
+
+
+def run(cfg: RunConfig) -> dict[str, Any]:
+    """Run the pipeline flow inline and keep runs/latest pointing at this run."""
+    _prefect_defaults()
+    from veiltrain.flows.pipeline import pipeline
+
+    report: dict[str, Any] = pipeline(cfg)
+    _link_latest(cfg.out)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point."""
+    args = _parser().parse_args(argv)
+    try:
+        cfg = load_config(**_options(args)).resolved()
+        started = time.monotonic()
+        report = run(cfg)
+    except VeiltrainError as exc:
+        print(f"veiltrain: error: {exc}", file=sys.stderr)
+        return 2
+    print(_summary(report, time.monotonic() - started))
+    print(f"report: {cfg.out}/report.json  plot: {cfg.out}/loss.png  (runs/latest -> {cfg.out})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
