@@ -9,7 +9,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
-from veiltrain.config import RunConfig
+from veiltrain.config import RunConfig, preflight
 from veiltrain.flows import stages
 
 
@@ -32,6 +32,7 @@ def _with_run_id(config: RunConfig) -> RunConfig:
 def pipeline(config: RunConfig) -> dict[str, Any]:
     """encrypt_dataset + encrypt_model -> upload -> train -> decrypt_and_report."""
     cfg = _with_run_id(config)
+    preflight(cfg)
     get_run_logger().info("run %s: %d parties, stores %s", cfg.run_id, cfg.parties, cfg.stores())
     seconds: dict[str, float] = {}
     dataset = _timed(seconds, "encrypt_dataset", stages.encrypt_dataset, cfg)

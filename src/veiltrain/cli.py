@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from veiltrain.config import RunConfig, load_config
+from veiltrain.config import RunConfig, load_config, preflight
 from veiltrain.errors import VeiltrainError
 
 
@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         cfg = load_config(**_options(args)).resolved()
+        preflight(cfg)
         started = time.monotonic()
         report = run(cfg)
     except VeiltrainError as exc:

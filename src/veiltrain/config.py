@@ -30,7 +30,7 @@ class RunConfig(BaseModel):
     dataset: str = Field("digits", description="'digits', a PATH.npz, or an image folder (one sub-folder per class)")
     model: str = Field("small-cnn", description="'small-cnn', 'resnet18' or 'package.module:factory'")
     model_kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the model factory")
-    epochs: int = Field(2, ge=1, le=1000)
+    epochs: int = Field(3, ge=1, le=1000)
     batch_size: int = Field(64, ge=2, le=65536)
     lr: float = Field(0.2, gt=0, le=100)
     loss: Literal["cross-entropy", "mse"] = "cross-entropy"
@@ -116,3 +116,28 @@ def _describe(error: Any) -> str:
     where = ".".join(str(p) for p in error.get("loc", ())) or "options"
     flag = "--" + where.replace("_", "-")
     return f"{flag}: {error.get('msg', 'invalid')} (got {error.get('input')!r})"
+
+
+def preflight(cfg: RunConfig) -> None:
+    """Cheap checks before any work: the data source exists, the model and stores resolve."""
+    from veiltrain import models
+
+    if cfg.dataset != "digits":
+        path = Path(cfg.dataset).expanduser()
+        if not (path.is_dir() or (path.suffix == ".npz" and path.is_file())):
+            raise ConfigError(
+                f"--dataset {cfg.dataset!r}: not 'digits', an existing .npz file or an image folder"
+            )
+    models.resolve(cfg.model)
+    for url in [*cfg.stores(), cfg.owner_store]:
+        _check_protocol(url)
+
+
+def _check_protocol(url: str) -> None:
+    import fsspec
+
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except (ImportError, ValueError) as exc:
+        raise ConfigError(f"store URL {url!r}: unknown or unavailable protocol {protocol!r}") from exc

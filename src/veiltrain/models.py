@@ -18,7 +18,7 @@ _REFERENCE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 class SmallCNN(nn.Module):
     """A conv net cheap enough for MPC: average pooling (linear) instead of max pooling."""
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 16,
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 32,
                  image_size: int = 8) -> None:
         super().__init__()
         self.conv = nn.Conv2d(in_channels, width, kernel_size=3, padding=1)

@@ -89,6 +89,15 @@ def _configure(spec: PartySpec) -> None:
     crypten.cfg.encoder.precision_bits = spec.precision_bits
     # Three Newton steps leave inv_sqrt 5 % off below 0.1 (BatchNorm on small variances).
     crypten.cfg.functions.sqrt_nr_iters = 6
+    # All pairwise comparisons in one batched round instead of log2(k) sequential rounds: the
+    # softmax max over a few classes and max pooling windows are small, and rounds dominate.
+    crypten.cfg.functions.max_method = "pairwise"
+
+
+def tune_for(num_classes: int) -> None:
+    """Pairwise max is quadratic in the reduced size: fall back to the tree for many classes."""
+    if num_classes > 64:
+        crypten.cfg.functions.max_method = "log_reduction"
 
 
 @contextmanager
@@ -189,3 +198,21 @@ def from_shares(share: torch.Tensor, precision_bits: int) -> Any:
 def share_of(value: Any) -> torch.Tensor:
     """This party's int64 share of an MPCTensor: what a party may store, never a plaintext."""
     return value.share.detach().clone()
+
+
+def sgd_step(cmodel: Any, lr: float, grad_threshold: float = 100.0) -> None:
+    """SGD update with CrypTen's overflow guard (zero gradients above the threshold) done for
+    all parameters in one batched comparison rather than one comparison round per tensor."""
+    params = [p for p in cmodel.parameters() if p.grad is not None]
+    if not params:
+        return
+    with crypten.no_grad(), torch.no_grad():
+        flat = crypten.cat([p.grad.flatten() for p in params])
+        # A rare wrap-around in share arithmetic yields a huge value; dropping it keeps training
+        # stable (CrypTen issue #347). Squares avoid the costlier abs.
+        flat = flat.mul(flat.square().lt(grad_threshold * grad_threshold))
+        start = 0
+        for p in params:
+            size = p.grad.numel()
+            p.sub_(flat[start : start + size].reshape(p.shape).mul(lr))
+            start += size

@@ -119,6 +119,7 @@ class Trainer:
         """Load shares, agree on a resume point with the other parties, train, checkpoint."""
         from veiltrain import mpc
 
+        mpc.tune_for(self.data.num_classes)
         start = self._agree_resume()
         shares = self._initial_shares(start)
         cmodel.encrypt()
@@ -142,7 +143,7 @@ class Trainer:
             loss = loss_fn(cmodel(xe), ye)
             cmodel.zero_grad()
             loss.backward()
-            cmodel.update_parameters(self.job.lr)
+            mpc.sgd_step(cmodel, self.job.lr)
             losses.append(mpc.share_of(loss).reshape(1))
             emit("step", epoch=epoch, step=step + 1, global_step=(epoch - 1) * self.steps_per_epoch + step + 1)
         return losses
