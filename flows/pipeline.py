@@ -8,9 +8,9 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
+from veiltrain.flows import stages
 
 from veiltrain.config import RunConfig, preflight
-from veiltrain.flows import stages
 
 
 def _timed(seconds: dict[str, float], name: str, fn: Callable[..., Any], *args: Any) -> Any:
@@ -39,4 +39,7 @@ def pipeline(config: RunConfig) -> dict[str, Any]:
     _timed(seconds, "encrypt_model", stages.encrypt_model, cfg)
     _timed(seconds, "upload", stages.upload, cfg)
     _timed(seconds, "train", stages.train, cfg, dataset["order_seed"], dataset["count"])
-    return _timed(seconds, "decrypt_and_report", stages.decrypt_and_report, cfg, seconds)
+    report: dict[str, Any] = _timed(
+        seconds, "decrypt_and_report", stages.decrypt_and_report, cfg, seconds
+    )
+    return report

@@ -5,36 +5,43 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow
+from veiltrain.tasks import stages
 
 from veiltrain.config import RunConfig
-from veiltrain.tasks import stages
 
 
 @flow(name="encrypt-dataset", log_prints=True)
 def encrypt_dataset(config: RunConfig) -> dict[str, Any]:
     """Owner: encode and split the training set into per-party shares (staged)."""
-    return stages.split_dataset(config)
+    result: dict[str, Any] = stages.split_dataset(config)
+    return result
 
 
 @flow(name="encrypt-model", log_prints=True)
 def encrypt_model(config: RunConfig) -> dict[str, Any]:
     """Owner: share the model's initial parameters per party (staged)."""
-    return stages.split_model(config)
+    result: dict[str, Any] = stages.split_model(config)
+    return result
 
 
 @flow(name="upload", log_prints=True)
 def upload(config: RunConfig) -> dict[str, Any]:
     """Owner: copy each party's shares to its own store, manifest last, verified."""
-    return stages.upload_shares(config)
+    result: dict[str, Any] = stages.upload_shares(config)
+    return result
 
 
 @flow(name="train", log_prints=True)
 def train(config: RunConfig, order_seed: int, count: int) -> dict[str, Any]:
     """Parties and dealer: train on shares; each party writes only its own shares."""
-    return stages.train_parties(config, order_seed, stages.steps_total(config, count))
+    result: dict[str, Any] = stages.train_parties(
+        config, order_seed, stages.steps_total(config, count)
+    )
+    return result
 
 
 @flow(name="decrypt-and-report", log_prints=True)
 def decrypt_and_report(config: RunConfig, stage_seconds: dict[str, float]) -> dict[str, Any]:
     """Owner: reconstruct loss curve and model, evaluate, publish the report."""
-    return stages.decrypt_report(config, stage_seconds)
+    result: dict[str, Any] = stages.decrypt_report(config, stage_seconds)
+    return result

@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import math
 import time
+from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 from prefect import task
 from prefect.artifacts import (
@@ -29,7 +31,9 @@ def transient_only(task: Any, task_run: Any, state: Any) -> bool:
 
 
 IO_RETRIES: dict[str, Any] = {
-    "retries": 3, "retry_delay_seconds": [2, 5, 15], "retry_condition_fn": transient_only,
+    "retries": 3,
+    "retry_delay_seconds": [2, 5, 15],
+    "retry_condition_fn": transient_only,
 }
 
 
@@ -54,8 +58,9 @@ def upload_shares(cfg: RunConfig) -> dict[str, Any]:
 @task(name="train-parties")
 def train_parties(cfg: RunConfig, order_seed: int, total_steps: int) -> dict[str, Any]:
     """Run every party and the dealer; no retries here: a rerun resumes from checkpoints."""
-    artifact = create_progress_artifact(0.0, key=_key(cfg, "progress"),
-                                        description=f"training run {cfg.run_id} on shares")
+    artifact: UUID = create_progress_artifact(  # type: ignore[assignment]  # sync in a task
+        0.0, key=_key(cfg, "progress"), description=f"training run {cfg.run_id} on shares"
+    )
     last = [0.0]
 
     def publish(fraction: float) -> None:
@@ -64,8 +69,9 @@ def train_parties(cfg: RunConfig, order_seed: int, total_steps: int) -> dict[str
             last[0] = time.monotonic()
 
     with TrainingProgress(total_steps, publish) as bar:
-        return launch.run_local(cfg.stores(), launch.train_job(cfg, order_seed), bar,
-                                logdir=f"{cfg.out}/logs")
+        return launch.run_local(
+            cfg.stores(), launch.train_job(cfg, order_seed), bar, logdir=f"{cfg.out}/logs"
+        )
 
 
 @task(name="decrypt-report")
@@ -82,26 +88,36 @@ def _key(cfg: RunConfig, what: str) -> str:
 
 
 def _publish(cfg: RunConfig, result: dict[str, Any]) -> None:
-    rows = [{"step": i + 1, "decrypted_loss": round(a, 5), "plaintext_loss": round(b, 5)}
-            for i, (a, b) in enumerate(zip(result["losses"], result["plaintext_losses"], strict=True))]
-    create_table_artifact(rows, key=_key(cfg, "losses"), description=f"loss curve, run {cfg.run_id}")
-    png = base64.b64encode(open(f"{cfg.out}/loss.png", "rb").read()).decode()  # noqa: SIM115
-    create_markdown_artifact(_markdown(result, png), key=_key(cfg, "report"),
-                             description=f"veiltrain report, run {cfg.run_id}")
+    rows = [
+        {"step": i + 1, "decrypted_loss": round(a, 5), "plaintext_loss": round(b, 5)}
+        for i, (a, b) in enumerate(zip(result["losses"], result["plaintext_losses"], strict=True))
+    ]
+    create_table_artifact(
+        rows, key=_key(cfg, "losses"), description=f"loss curve, run {cfg.run_id}"
+    )
+    png = base64.b64encode(Path(cfg.out, "loss.png").read_bytes()).decode()
+    create_markdown_artifact(
+        _markdown(result, png),
+        key=_key(cfg, "report"),
+        description=f"veiltrain report, run {cfg.run_id}",
+    )
 
 
 def _markdown(r: dict[str, Any], png_b64: str) -> str:
     seconds = ", ".join(f"{k} {v:.1f} s" for k, v in r["stage_seconds"].items())
-    return "\n".join([
-        f"# veiltrain run `{r['run_id']}`",
-        f"- parties: {r['parties']}, epochs: {r['epochs']}, steps: {len(r['losses'])}",
-        f"- test accuracy (trained on shares): **{r['test_accuracy']:.2%}**",
-        f"- plaintext shadow accuracy: {r['plaintext_test_accuracy']:.2%}",
-        f"- largest loss gap (decrypted vs plaintext): {r['max_loss_gap']:.4f}",
-        f"- final loss: {r['losses'][-1]:.4f} (plaintext {r['plaintext_losses'][-1]:.4f})",
-        f"- stage seconds: {seconds}",
-        "", f"![loss curves](data:image/png;base64,{png_b64})",
-    ])
+    return "\n".join(
+        [
+            f"# veiltrain run `{r['run_id']}`",
+            f"- parties: {r['parties']}, epochs: {r['epochs']}, steps: {len(r['losses'])}",
+            f"- test accuracy (trained on shares): **{r['test_accuracy']:.2%}**",
+            f"- plaintext shadow accuracy: {r['plaintext_test_accuracy']:.2%}",
+            f"- largest loss gap (decrypted vs plaintext): {r['max_loss_gap']:.4f}",
+            f"- final loss: {r['losses'][-1]:.4f} (plaintext {r['plaintext_losses'][-1]:.4f})",
+            f"- stage seconds: {seconds}",
+            "",
+            f"![loss curves](data:image/png;base64,{png_b64})",
+        ]
+    )
 
 
 def steps_total(cfg: RunConfig, count: int) -> int:

@@ -15,15 +15,25 @@ from veiltrain.errors import VeiltrainError
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="veiltrain", description="Train on secret shares; only the owner decrypts.")
+    p = argparse.ArgumentParser(
+        prog="veiltrain", description="Train on secret shares; only the owner decrypts."
+    )
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the whole pipeline inline (local parties, local store)")
     run.add_argument("--dataset", help="digits | PATH.npz | IMAGE_DIR")
     run.add_argument("--model", help="small-cnn | resnet18 | package.module:factory")
     run.add_argument("--model-kwargs", type=_json_object, help="JSON object of factory arguments")
-    for flag, kind in [("--epochs", int), ("--batch-size", int), ("--lr", float), ("--parties", int),
-                       ("--precision-bits", int), ("--seed", int), ("--max-samples", int),
-                       ("--test-fraction", float), ("--timeout-s", float)]:
+    for flag, kind in [
+        ("--epochs", int),
+        ("--batch-size", int),
+        ("--lr", float),
+        ("--parties", int),
+        ("--precision-bits", int),
+        ("--seed", int),
+        ("--max-samples", int),
+        ("--test-fraction", float),
+        ("--timeout-s", float),
+    ]:
         run.add_argument(flag, type=kind)
     run.add_argument("--loss", help="cross-entropy | mse")
     run.add_argument("--device", help="cpu | cuda")
@@ -67,15 +77,17 @@ def _link_latest(out: str) -> None:
 
 def _summary(report: dict[str, Any], seconds: float) -> str:
     r = report
-    return "\n".join([
-        f"veiltrain run {r['run_id']}: {r['parties']} parties, {r['epochs']} epochs, "
-        f"{len(r['losses'])} steps in {seconds:.0f} s",
-        f"  test accuracy (trained on shares): {r['test_accuracy']:.2%}",
-        f"  plaintext shadow accuracy:         {r['plaintext_test_accuracy']:.2%}",
-        f"  largest loss gap vs plaintext:     {r['max_loss_gap']:.4f}",
-        f"  final loss: {r['losses'][-1]:.4f} (plaintext {r['plaintext_losses'][-1]:.4f})",
-        "  stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in r["stage_seconds"].items()),
-    ])
+    return "\n".join(
+        [
+            f"veiltrain run {r['run_id']}: {r['parties']} parties, {r['epochs']} epochs, "
+            f"{len(r['losses'])} steps in {seconds:.0f} s",
+            f"  test accuracy (trained on shares): {r['test_accuracy']:.2%}",
+            f"  plaintext shadow accuracy:         {r['plaintext_test_accuracy']:.2%}",
+            f"  largest loss gap vs plaintext:     {r['max_loss_gap']:.4f}",
+            f"  final loss: {r['losses'][-1]:.4f} (plaintext {r['plaintext_losses'][-1]:.4f})",
+            "  stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in r["stage_seconds"].items()),
+        ]
+    )
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:

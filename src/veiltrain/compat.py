@@ -43,9 +43,9 @@ def _export_with_torchscript(converter: Any) -> None:
 
 
 def _add_identity(converter: Any, module: Any) -> None:
-    """Newer exporters emit ONNX Identity nodes (e.g. for shared weights); CrypTen has no such op."""
+    """Newer exporters emit ONNX Identity nodes (e.g. tied weights); CrypTen has no such op."""
 
-    class Identity(module.Module):  # type: ignore[misc,name-defined]
+    class Identity(module.Module):  # type: ignore[misc]
         """Passes its single input through unchanged."""
 
         def forward(self, x: Any) -> Any:

@@ -27,25 +27,39 @@ class RunConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    dataset: str = Field("digits", description="'digits', a PATH.npz, or an image folder (one sub-folder per class)")
-    model: str = Field("small-cnn", description="'small-cnn', 'resnet18' or 'package.module:factory'")
-    model_kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the model factory")
+    dataset: str = Field(
+        "digits", description="'digits', a PATH.npz, or an image folder (one sub-folder per class)"
+    )
+    model: str = Field(
+        "small-cnn", description="'small-cnn', 'resnet18' or 'package.module:factory'"
+    )
+    model_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="keyword arguments for the model factory"
+    )
     epochs: int = Field(3, ge=1, le=1000)
     batch_size: int = Field(64, ge=2, le=65536)
     lr: float = Field(0.2, gt=0, le=100)
     loss: Literal["cross-entropy", "mse"] = "cross-entropy"
     parties: int = Field(2, description="compute parties (non-colluding); at least 2")
-    precision_bits: int = Field(16, ge=8, le=24, description="fractional bits of the fixed-point encoding")
-    seed: int = Field(0, ge=0, description="model initialisation and batch order (not masks: those are random)")
+    precision_bits: int = Field(
+        16, ge=8, le=24, description="fractional bits of the fixed-point encoding"
+    )
+    seed: int = Field(
+        0, ge=0, description="model initialisation and batch order (not masks: those are random)"
+    )
     device: Literal["cpu", "cuda"] = "cpu"
     standardize: bool = Field(True, description="standardise features with owner-only statistics")
     test_fraction: float = Field(0.2, gt=0, lt=1)
-    max_samples: int | None = Field(None, ge=10, description="use only the first N samples (quick runs)")
+    max_samples: int | None = Field(
+        None, ge=10, description="use only the first N samples (quick runs)"
+    )
     out: str = Field("", description="owner's output folder; default runs/<run id>")
     store: str = Field("", description="store URL; party i uses STORE/party-<i>; default OUT/store")
     party_stores: list[str] = Field(default_factory=list, description="one store URL per party")
     owner_store: str = Field("", description="owner-only URL for private state; default OUT/owner")
-    timeout_s: float = Field(300.0, gt=0, le=86400, description="longest wait for any party or network")
+    timeout_s: float = Field(
+        300.0, gt=0, le=86400, description="longest wait for any party or network"
+    )
     run_id: str = ""
 
     @field_validator("parties")
@@ -84,7 +98,9 @@ class RunConfig(BaseModel):
         out = str(Path(out).expanduser().resolve())
         store = self.store or (Path(out) / "store").as_uri()
         owner = self.owner_store or str(Path(out) / "owner")
-        return self.model_copy(update={"run_id": run_id, "out": out, "store": store, "owner_store": owner})
+        return self.model_copy(
+            update={"run_id": run_id, "out": out, "store": store, "owner_store": owner}
+        )
 
     def stores(self) -> list[str]:
         """One URL per party: explicit, or STORE/party-<i>."""
@@ -95,8 +111,17 @@ class RunConfig(BaseModel):
 
     def training_hash(self) -> str:
         """Hash of the settings that must match for a checkpoint to be resumed."""
-        keys = ("run_id", "model", "model_kwargs", "batch_size", "lr", "loss", "parties",
-                "precision_bits", "seed")
+        keys = (
+            "run_id",
+            "model",
+            "model_kwargs",
+            "batch_size",
+            "lr",
+            "loss",
+            "parties",
+            "precision_bits",
+            "seed",
+        )
         blob = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -106,7 +131,9 @@ def load_config(**options: Any) -> RunConfig:
     try:
         return RunConfig(**options)
     except ValidationError as exc:
-        insecure = [e for e in exc.errors() if isinstance(e.get("ctx", {}).get("error"), InsecureSetupError)]
+        insecure = [
+            e for e in exc.errors() if isinstance(e.get("ctx", {}).get("error"), InsecureSetupError)
+        ]
         lines = [_describe(e) for e in exc.errors()]
         error = InsecureSetupError if insecure else ConfigError
         raise error("invalid options:\n  " + "\n  ".join(lines)) from None
@@ -140,4 +167,6 @@ def _check_protocol(url: str) -> None:
     try:
         fsspec.get_filesystem_class(protocol)
     except (ImportError, ValueError) as exc:
-        raise ConfigError(f"store URL {url!r}: unknown or unavailable protocol {protocol!r}") from exc
+        raise ConfigError(
+            f"store URL {url!r}: unknown or unavailable protocol {protocol!r}"
+        ) from exc

@@ -53,8 +53,13 @@ def load(source: str, test_fraction: float, seed: int, max_samples: int | None) 
     x, y = _shuffled(x, y, seed, max_samples)
     if xt is None or yt is None:
         x, y, xt, yt = _holdout(x, y, test_fraction, source)
-    return Dataset(x.astype(np.float64), y.astype(np.int64), xt.astype(np.float64),
-                   yt.astype(np.int64), classes)
+    return Dataset(
+        x.astype(np.float64),
+        y.astype(np.int64),
+        xt.astype(np.float64),
+        yt.astype(np.int64),
+        classes,
+    )
 
 
 def _digits() -> tuple[Array, Array, None, None, list[str]]:
@@ -76,7 +81,8 @@ def _npz(path: Path) -> tuple[Array, Array, Array | None, Array | None, list[str
             raise ConfigError(f"--dataset {path}: needs arrays 'x' and 'y', has {sorted(arrays)}")
     if ("x_test" in arrays) != ("y_test" in arrays):
         raise ConfigError(f"--dataset {path}: give both 'x_test' and 'y_test' or neither")
-    labels = np.concatenate([arrays["y"].ravel(), arrays.get("y_test", np.empty(0)).ravel()])
+    test_labels = arrays.get("y_test", np.empty(0, dtype=arrays["y"].dtype))
+    labels = np.concatenate([arrays["y"].ravel(), test_labels.ravel()])
     classes = _check_labels(labels, path)
     xt, yt = arrays.get("x_test"), arrays.get("y_test")
     _check_features(arrays["x"], arrays["y"], path, "x")
@@ -107,7 +113,9 @@ def _image_dir(path: Path) -> tuple[Array, Array, None, None, list[str]]:
 
     classes = sorted(p.name for p in path.iterdir() if p.is_dir())
     if len(classes) < 2:
-        raise ConfigError(f"--dataset {path}: an image folder needs one sub-folder per class (>= 2)")
+        raise ConfigError(
+            f"--dataset {path}: an image folder needs one sub-folder per class (>= 2)"
+        )
     images: list[Array] = []
     labels: list[int] = []
     for label, name in enumerate(classes):

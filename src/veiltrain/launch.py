@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import queue
-import signal
 import socket
 import subprocess
 import sys
@@ -30,11 +29,6 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _restore_sigint() -> None:
-    # A child of a shell's background job inherits "ignore SIGINT"; undo it so SIGTERM works.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 @dataclass
 class _Proc:
     name: str
@@ -49,8 +43,21 @@ class _Proc:
 
 
 def _command(rank: int, world: int, rendezvous: str, store: str, job: TrainJob) -> list[str]:
-    return [sys.executable, "-m", "veiltrain.party", "--rank", str(rank), "--world-size",
-            str(world), "--rendezvous", rendezvous, "--store", store, "--job", job.to_json()]
+    return [
+        sys.executable,
+        "-m",
+        "veiltrain.party",
+        "--rank",
+        str(rank),
+        "--world-size",
+        str(world),
+        "--rendezvous",
+        rendezvous,
+        "--store",
+        store,
+        "--job",
+        job.to_json(),
+    ]
 
 
 def _env() -> dict[str, str]:
@@ -62,8 +69,14 @@ def _env() -> dict[str, str]:
 def _start(name: str, cmd: list[str], logdir: Path) -> _Proc:
     log_path = logdir / f"{name.replace(' ', '-')}.log"
     log = log_path.open("w")
-    popen = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=_env(),
-                             start_new_session=True, preexec_fn=_restore_sigint)
+    popen = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+        env=_env(),
+        start_new_session=True,
+    )
     return _Proc(name, popen, log, log_path)
 
 
@@ -78,15 +91,18 @@ def _reader(proc: _Proc, events: queue.Queue[dict[str, Any]]) -> None:
         events.put({"party": proc.name, **event})
 
 
-def run_local(stores: Sequence[str], job: TrainJob, on_event: ProgressFn,
-              logdir: str | None = None) -> dict[str, Any]:
+def run_local(
+    stores: Sequence[str], job: TrainJob, on_event: ProgressFn, logdir: str | None = None
+) -> dict[str, Any]:
     """Run parties 0..n-1 and the dealer locally; raise PartyError naming the first to fail."""
     world = len(stores)
     rendezvous = f"tcp://127.0.0.1:{free_port()}"
     folder = Path(logdir or tempfile.mkdtemp(prefix="veiltrain-parties-"))
     folder.mkdir(parents=True, exist_ok=True)
-    procs = [_start(f"party {r}", _command(r, world, rendezvous, stores[r], job), folder)
-             for r in range(world)]
+    procs = [
+        _start(f"party {r}", _command(r, world, rendezvous, stores[r], job), folder)
+        for r in range(world)
+    ]
     procs.append(_start("dealer", _command(world, world, rendezvous, "", job), folder))
     events: queue.Queue[dict[str, Any]] = queue.Queue()
     threads = [threading.Thread(target=_reader, args=(p, events), daemon=True) for p in procs]
@@ -113,8 +129,9 @@ def _drain(events: queue.Queue[dict[str, Any]], on_event: ProgressFn) -> bool:
         on_event(event)
 
 
-def _watch(procs: list[_Proc], timeout_s: float, events: queue.Queue[dict[str, Any]],
-           on_event: ProgressFn) -> None:
+def _watch(
+    procs: list[_Proc], timeout_s: float, events: queue.Queue[dict[str, Any]], on_event: ProgressFn
+) -> None:
     last_seen = time.monotonic()
     while True:
         if _drain(events, on_event):
@@ -155,7 +172,14 @@ def _stop(procs: list[_Proc]) -> None:
 def train_job(cfg: Any, order_seed: int) -> TrainJob:
     """The public part of a run's settings that the parties receive."""
     return TrainJob(
-        run_id=cfg.run_id, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-        loss=cfg.loss, precision_bits=cfg.precision_bits, order_seed=order_seed,
-        settings_hash=cfg.training_hash(), device=cfg.device, timeout_s=cfg.timeout_s,
+        run_id=cfg.run_id,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        loss=cfg.loss,
+        precision_bits=cfg.precision_bits,
+        order_seed=order_seed,
+        settings_hash=cfg.training_hash(),
+        device=cfg.device,
+        timeout_s=cfg.timeout_s,
     )

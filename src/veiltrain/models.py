@@ -18,8 +18,9 @@ _REFERENCE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 class SmallCNN(nn.Module):
     """A conv net cheap enough for MPC: average pooling (linear) instead of max pooling."""
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 32,
-                 image_size: int = 8) -> None:
+    def __init__(
+        self, in_channels: int = 1, num_classes: int = 10, width: int = 32, image_size: int = 8
+    ) -> None:
         super().__init__()
         self.conv = nn.Conv2d(in_channels, width, kernel_size=3, padding=1)
         self.pool = nn.AvgPool2d(2)
@@ -27,7 +28,8 @@ class SmallCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.pool(torch.relu(self.conv(x)))
-        return self.fc(h.flatten(1))
+        out: torch.Tensor = self.fc(h.flatten(1))
+        return out
 
 
 class BasicBlock(nn.Module):
@@ -53,8 +55,9 @@ class BasicBlock(nn.Module):
 class ResNet18(nn.Module):
     """ResNet-18 (2-2-2-2 basic blocks); `width` scales channels for small inputs or budgets."""
 
-    def __init__(self, in_channels: int = 3, num_classes: int = 10, width: int = 64,
-                 image_size: int = 32) -> None:
+    def __init__(
+        self, in_channels: int = 3, num_classes: int = 10, width: int = 64, image_size: int = 32
+    ) -> None:
         super().__init__()
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
@@ -67,13 +70,19 @@ class ResNet18(nn.Module):
         cin = width
         for i, mult in enumerate((1, 2, 4, 8)):
             stride = 1 if i == 0 else 2
-            layers += [BasicBlock(cin, width * mult, stride), BasicBlock(width * mult, width * mult, 1)]
+            layers += [
+                BasicBlock(cin, width * mult, stride),
+                BasicBlock(width * mult, width * mult, 1),
+            ]
             cin = width * mult
         self.layers = nn.Sequential(*layers)
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes))
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.layers(self.pool(self.stem(x))))
+        out: torch.Tensor = self.head(self.layers(self.pool(self.stem(x))))
+        return out
 
 
 BUILTIN: dict[str, Callable[..., nn.Module]] = {"small-cnn": SmallCNN, "resnet18": ResNet18}

@@ -157,9 +157,7 @@ def _untie_initializers(cmodel: Any, model: torch.nn.Module) -> None:
 def parameter_nodes(cmodel: Any) -> dict[str, Any]:
     """The Parameter nodes of a converted graph, by state_dict key."""
     return {
-        name: mod
-        for name, mod in cmodel._modules.items()
-        if isinstance(mod, crypten.nn.Parameter)
+        name: mod for name, mod in cmodel._modules.items() if isinstance(mod, crypten.nn.Parameter)
     }
 
 
@@ -197,7 +195,8 @@ def from_shares(share: torch.Tensor, precision_bits: int) -> Any:
 
 def share_of(value: Any) -> torch.Tensor:
     """This party's int64 share of an MPCTensor: what a party may store, never a plaintext."""
-    return value.share.detach().clone()
+    share: torch.Tensor = value.share.detach().clone()
+    return share
 
 
 def sgd_step(cmodel: Any, lr: float, grad_threshold: float = 100.0) -> None:

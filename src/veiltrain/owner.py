@@ -45,8 +45,11 @@ def party_location(cfg: RunConfig, party: int) -> Location:
 def encrypt_dataset(cfg: RunConfig) -> dict[str, Any]:
     """Split the training set into per-party shares; keep test split and statistics private."""
     ds = data.load(cfg.dataset, cfg.test_fraction, cfg.seed, cfg.max_samples)
-    scaler = (data.Standardizer.fit(ds.x_train) if cfg.standardize
-              else data.Standardizer.identity(ds.sample_shape))
+    scaler = (
+        data.Standardizer.fit(ds.x_train)
+        if cfg.standardize
+        else data.Standardizer.identity(ds.sample_shape)
+    )
     x_train = scaler.apply(ds.x_train)
     records = np.concatenate(
         [x_train.reshape(len(x_train), -1), data.one_hot(ds.y_train, ds.num_classes)], axis=1
@@ -86,8 +89,9 @@ def _write_shards(loc: Location, share: np.ndarray[Any, Any]) -> None:
                 writer.write_one(row.astype("<i8", copy=False).tobytes())
 
 
-def _save_private(cfg: RunConfig, ds: data.Dataset, scaler: data.Standardizer,
-                  x_train: np.ndarray[Any, Any]) -> dict[str, Any]:
+def _save_private(
+    cfg: RunConfig, ds: data.Dataset, scaler: data.Standardizer, x_train: np.ndarray[Any, Any]
+) -> dict[str, Any]:
     owner = owner_location(cfg)
     # The batch order is public to parties; it comes from its own random seed so that it says
     # nothing about --seed (which also fixes the secret initial weights).
@@ -101,7 +105,7 @@ def _save_private(cfg: RunConfig, ds: data.Dataset, scaler: data.Standardizer,
 
 def _npz(**arrays: np.ndarray[Any, Any]) -> bytes:
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    np.savez(buf, **arrays)  # type: ignore[arg-type]  # numpy's stub mistypes **kwds
     return buf.getvalue()
 
 
@@ -131,17 +135,24 @@ def encrypt_model(cfg: RunConfig) -> dict[str, Any]:
     model = models.build(cfg.model, kwargs, cfg.seed)
     _check_forward(model, ds, cfg.model)
     state = {k: v.detach().double() for k, v in model.state_dict().items() if v.is_floating_point()}
-    owner_location(cfg).write_bytes("private/initial.safetensors", save_safetensors(
-        {k: v.float().contiguous() for k, v in state.items()}))
+    owner_location(cfg).write_bytes(
+        "private/initial.safetensors",
+        save_safetensors({k: v.float().contiguous() for k, v in state.items()}),
+    )
     per_party: list[dict[str, torch.Tensor]] = [{} for _ in range(cfg.parties)]
     for name, tensor in state.items():
         shares = sharing.split_full(sharing.encode(tensor.numpy(), cfg.precision_bits), cfg.parties)
         for party, share in enumerate(shares):
             per_party[party][name] = torch.from_numpy(share).contiguous()
-    spec = {"factory": cfg.model, "kwargs": kwargs, "sample_shape": list(ds.sample_shape),
-            "num_classes": ds.num_classes, "parameters": {k: list(v.shape) for k, v in state.items()}}
-    for party, shares in enumerate(per_party):
-        staging(cfg, party).write_bytes("model/params.safetensors", save_safetensors(shares))
+    spec = {
+        "factory": cfg.model,
+        "kwargs": kwargs,
+        "sample_shape": list(ds.sample_shape),
+        "num_classes": ds.num_classes,
+        "parameters": {k: list(v.shape) for k, v in state.items()},
+    }
+    for party, tensors in enumerate(per_party):
+        staging(cfg, party).write_bytes("model/params.safetensors", save_safetensors(tensors))
         staging(cfg, party).write_json("model/spec.json", spec)
     return {"parameters": len(state), "values": sum(v.numel() for v in state.values())}
 

@@ -1,4 +1,4 @@
-"""A compute party (or the dealer) as its own process: train on shares, write shares, reveal nothing."""
+"""A compute party (or the dealer) in its own process: train on shares, reveal nothing."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import secrets
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -25,7 +26,7 @@ from veiltrain.store import Location, check_objects
 
 @dataclass(frozen=True)
 class TrainJob:
-    """What a party is told: public hyperparameters only (no --seed: it fixes the secret weights)."""
+    """What a party is told: public hyperparameters only (no --seed: it fixes the weights)."""
 
     run_id: str
     epochs: int
@@ -66,7 +67,9 @@ class PartyData:
             shards = [loc.path(n) for n in loc.list("dataset") if n.endswith(".ffr")]
             self._reader = FileReader(shards, check_data=True, fs=loc.fs)
             if self._reader.n != self.count:
-                raise IntegrityError(f"{loc.url}/dataset: {self._reader.n} records, info says {self.count}")
+                raise IntegrityError(
+                    f"{loc.url}/dataset: {self._reader.n} records, info says {self.count}"
+                )
         else:
             self._seed = sharing.SeedShare.from_json(self.info["seed_share"])
 
@@ -145,7 +148,12 @@ class Trainer:
             loss.backward()
             mpc.sgd_step(cmodel, self.job.lr)
             losses.append(mpc.share_of(loss).reshape(1))
-            emit("step", epoch=epoch, step=step + 1, global_step=(epoch - 1) * self.steps_per_epoch + step + 1)
+            emit(
+                "step",
+                epoch=epoch,
+                step=step + 1,
+                global_step=(epoch - 1) * self.steps_per_epoch + step + 1,
+            )
         return losses
 
     def _checkpoint(self, cmodel: Any, epoch: int, losses: list[torch.Tensor]) -> None:
@@ -159,8 +167,11 @@ class Trainer:
         for name, blob in blobs.items():
             self.loc.write_bytes(f"{folder}/{name}", blob)
         record = {
-            "run_id": self.job.run_id, "party": self.rank, "epoch": epoch,
-            "step": epoch * self.steps_per_epoch, "settings_hash": self.job.settings_hash,
+            "run_id": self.job.run_id,
+            "party": self.rank,
+            "epoch": epoch,
+            "step": epoch * self.steps_per_epoch,
+            "settings_hash": self.job.settings_hash,
             "precision_bits": self.job.precision_bits,
             "objects": {n: {"sha256": _sha(b), "size": len(b)} for n, b in blobs.items()},
         }
@@ -175,7 +186,11 @@ class Trainer:
         return int(agreed.item())
 
     def _initial_shares(self, epoch: int) -> dict[str, torch.Tensor]:
-        name = f"checkpoints/epoch-{epoch:04d}/params.safetensors" if epoch else "model/params.safetensors"
+        name = (
+            f"checkpoints/epoch-{epoch:04d}/params.safetensors"
+            if epoch
+            else "model/params.safetensors"
+        )
         return load_safetensors(self.loc.read_bytes(name))
 
 
@@ -206,8 +221,10 @@ def latest_checkpoint(loc: Location, job: TrainJob) -> int:
         try:
             record = loc.read_json(name)
             ok = record["run_id"] == job.run_id and record["settings_hash"] == job.settings_hash
-            ok = ok and all(loc.size(f"{name.rsplit('/', 1)[0]}/{o}") == m["size"]
-                            for o, m in record["objects"].items())
+            ok = ok and all(
+                loc.size(f"{name.rsplit('/', 1)[0]}/{o}") == m["size"]
+                for o, m in record["objects"].items()
+            )
         except (IntegrityError, KeyError, TypeError, VeiltrainError):
             continue  # an unreadable or foreign checkpoint is not a resume point
         if ok and int(record["epoch"]) <= job.epochs:
@@ -228,6 +245,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of one party process; exit 0 on success, 2 on a reported error."""
     args = _parse(argv)
+    # Started from a background shell job, SIGINT arrives ignored; restore it so that Ctrl-C and
+    # SIGTERM (which some supervisors turn into SIGINT) stop the party.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         job = TrainJob.from_json(args.job)
         run_party(args.rank, args.world_size, args.rendezvous, args.store, job)
@@ -243,7 +263,9 @@ def run_party(rank: int, world_size: int, rendezvous: str, store: str, job: Trai
     from veiltrain import mpc
 
     torch.set_num_threads(1)  # several parties share a host in tests and demos
-    spec = mpc.PartySpec(rank, world_size, rendezvous, job.timeout_s, job.precision_bits, job.device)
+    spec = mpc.PartySpec(
+        rank, world_size, rendezvous, job.timeout_s, job.precision_bits, job.device
+    )
     if spec.is_dealer:
         with mpc.session(spec):
             emit("dealer-done")

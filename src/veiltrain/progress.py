@@ -19,12 +19,19 @@ from rich.progress import (
 class TrainingProgress:
     """Counts party 0's steps (every party runs the same steps) into a bar and a callback."""
 
-    def __init__(self, total_steps: int, on_fraction: Callable[[float], None] | None = None) -> None:
+    def __init__(
+        self, total_steps: int, on_fraction: Callable[[float], None] | None = None
+    ) -> None:
         self.total = max(1, total_steps)
         self.on_fraction = on_fraction
         self._bar = Progress(
-            TextColumn("[bold]training on shares"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("steps"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            TextColumn("[bold]training on shares"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("steps"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
             transient=False,
         )
         self._task = self._bar.add_task("train", total=self.total)
@@ -33,8 +40,9 @@ class TrainingProgress:
         self._bar.start()
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self._bar.stop()
 
     def __call__(self, event: dict[str, Any]) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
 from veiltrain import data, models, sharing
 from veiltrain.config import RunConfig
@@ -40,8 +41,11 @@ def common_epoch(cfg: RunConfig) -> int:
     epochs = []
     for party in range(cfg.parties):
         loc = party_location(cfg, party)
-        done = {int(n.split("/")[1].split("-")[1]) for n in loc.list("checkpoints")
-                if n.endswith("/checkpoint.json")}
+        done = {
+            int(n.split("/")[1].split("-")[1])
+            for n in loc.list("checkpoints")
+            if n.endswith("/checkpoint.json")
+        }
         epochs.append(max(done, default=0))
     epoch = min(epochs)
     if epoch == 0:
@@ -62,15 +66,19 @@ def reconstruct(cfg: RunConfig) -> Reconstruction:
         param_shares.append(params)
     losses = sharing.decode(sharing.reconstruct(loss_shares), cfg.precision_bits)
     state = {
-        name: torch.from_numpy(sharing.decode(
-            sharing.reconstruct([p[name].numpy() for p in param_shares]), cfg.precision_bits
-        )).float()
+        name: torch.from_numpy(
+            sharing.decode(
+                sharing.reconstruct([p[name].numpy() for p in param_shares]), cfg.precision_bits
+            )
+        ).float()
         for name in param_shares[0]
     }
     return Reconstruction(epoch, [float(v) for v in losses], state)
 
 
-def _party_shares(cfg: RunConfig, party: int, last: int) -> tuple[np.ndarray[Any, Any], dict[str, torch.Tensor]]:
+def _party_shares(
+    cfg: RunConfig, party: int, last: int
+) -> tuple[np.ndarray[Any, Any], dict[str, torch.Tensor]]:
     loc = party_location(cfg, party)
     losses = []
     params: dict[str, torch.Tensor] = {}
@@ -79,7 +87,9 @@ def _party_shares(cfg: RunConfig, party: int, last: int) -> tuple[np.ndarray[Any
         record = loc.read_json(f"{folder}/checkpoint.json")
         if record.get("run_id") != cfg.run_id or record.get("settings_hash") != cfg.training_hash():
             raise IntegrityError(f"{loc.url}/{folder}: belongs to another run or other settings")
-        losses.append(load_safetensors(_read_checked(loc, folder, "losses.safetensors", record))["loss"])
+        losses.append(
+            load_safetensors(_read_checked(loc, folder, "losses.safetensors", record))["loss"]
+        )
         if epoch == last:
             params = load_safetensors(_read_checked(loc, folder, "params.safetensors", record))
     return torch.cat(losses).numpy(), params
@@ -101,7 +111,9 @@ def accuracy(model: torch.nn.Module, x: np.ndarray[Any, Any], y: np.ndarray[Any,
     return float((logits.argmax(1).numpy() == y).mean())
 
 
-def shadow_training(cfg: RunConfig, order_seed: int) -> tuple[torch.nn.Module, list[float]]:
+def shadow_training(
+    cfg: RunConfig, order_seed: int, epochs: int
+) -> tuple[torch.nn.Module, list[float]]:
     """Plaintext training with the same initial weights, batches and schedule, for parity."""
     owner = owner_location(cfg)
     train = load_npz(owner, "private/train.npz")
@@ -112,13 +124,13 @@ def shadow_training(cfg: RunConfig, order_seed: int) -> tuple[torch.nn.Module, l
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
     losses = []
     steps = math.ceil(len(x) / cfg.batch_size)
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(1, epochs + 1):
         order = data.batch_order(len(x), epoch, order_seed)
         for step in range(steps):
             idx = torch.from_numpy(order[step * cfg.batch_size : (step + 1) * cfg.batch_size])
             loss = _plain_loss(cfg.loss, model(x[idx]), y[idx], classes)
             opt.zero_grad()
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
             losses.append(float(loss.detach()))
     return model, losses
@@ -156,31 +168,43 @@ def build_report(cfg: RunConfig, stage_seconds: dict[str, float]) -> dict[str, A
     """Decrypt, evaluate, compare with the plaintext shadow; write report.json and loss.png."""
     owner = owner_location(cfg)
     rec = reconstruct(cfg)
-    meta = owner.read_json("private/dataset.json")
     test = load_npz(owner, "private/test.npz")
     model = restore_model(cfg, rec.state)
-    shadow, plain = shadow_training(cfg, int(meta["order_seed"]))
-    plain = plain[: len(rec.losses)]
-    gap = max((abs(a - b) for a, b in zip(rec.losses, plain, strict=True)), default=0.0)
+    order_seed = int(owner.read_json("private/dataset.json")["order_seed"])
+    shadow, plain = shadow_training(cfg, order_seed, rec.epochs)
+    acc, plain_acc = accuracy(model, test["x"], test["y"]), accuracy(shadow, test["x"], test["y"])
     report = {
-        "run_id": cfg.run_id, "parties": cfg.parties, "epochs": rec.epochs,
-        "dataset": cfg.dataset, "model": cfg.model, "batch_size": cfg.batch_size, "lr": cfg.lr,
-        "loss": cfg.loss, "precision_bits": cfg.precision_bits,
-        "losses": rec.losses, "plaintext_losses": plain, "max_loss_gap": gap,
-        "test_accuracy": accuracy(model, test["x"], test["y"]),
-        "plaintext_test_accuracy": accuracy(shadow, test["x"], test["y"]),
-        "test_samples": len(test["y"]), "stage_seconds": stage_seconds,
+        **_settings(cfg),
+        "epochs": rec.epochs,
+        "losses": rec.losses,
+        "plaintext_losses": plain,
+        "max_loss_gap": max(
+            (abs(a - b) for a, b in zip(rec.losses, plain, strict=True)), default=0.0
+        ),
+        "test_accuracy": acc,
+        "plaintext_test_accuracy": plain_acc,
+        "accuracy_gap": plain_acc - acc,
+        "test_samples": len(test["y"]),
+        "stage_seconds": stage_seconds,
         "party_stores": cfg.stores(),
     }
-    report["accuracy_gap"] = report["plaintext_test_accuracy"] - report["test_accuracy"]
-    out = Location(cfg.out, role="owner")
-    out.write_bytes("loss.png", plot(f"run {cfg.run_id}", rec.losses, plain))
-    out.write_json("report.json", report)
-    from safetensors.torch import save as save_safetensors
-
-    out.write_bytes("model.safetensors", save_safetensors(
-        {k: v.contiguous() for k, v in model.state_dict().items()}))
+    _write_outputs(cfg, report, model)
     return report
+
+
+def _settings(cfg: RunConfig) -> dict[str, Any]:
+    keys = ("run_id", "parties", "dataset", "model", "batch_size", "lr", "loss", "precision_bits")
+    return {k: getattr(cfg, k) for k in keys}
+
+
+def _write_outputs(cfg: RunConfig, report: dict[str, Any], model: torch.nn.Module) -> None:
+    out = Location(cfg.out, role="owner")
+    out.write_bytes(
+        "loss.png", plot(f"run {cfg.run_id}", report["losses"], report["plaintext_losses"])
+    )
+    out.write_json("report.json", report)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    out.write_bytes("model.safetensors", save_safetensors(state))
 
 
 def summary_json(report: dict[str, Any]) -> str:

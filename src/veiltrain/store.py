@@ -1,4 +1,4 @@
-"""Object-store access through fsspec: atomic writes, hashing, JSON manifests, per-party credentials."""
+"""Object-store access through fsspec: atomic writes, hashing, JSON, per-role credentials."""
 
 from __future__ import annotations
 
@@ -31,8 +31,11 @@ def s3_options(role: str) -> dict[str, Any]:
     prefix = "VEILTRAIN_" + role.upper().replace("-", "_")
     options: dict[str, Any] = {
         "skip_instance_cache": True,
-        "config_kwargs": {"connect_timeout": 10, "read_timeout": 60,
-                          "retries": {"max_attempts": 3, "mode": "standard"}},
+        "config_kwargs": {
+            "connect_timeout": 10,
+            "read_timeout": 60,
+            "retries": {"max_attempts": 3, "mode": "standard"},
+        },
     }
     key, secret = os.environ.get(prefix + "_ACCESS_KEY"), os.environ.get(prefix + "_SECRET_KEY")
     if key and secret:
@@ -44,7 +47,7 @@ def s3_options(role: str) -> dict[str, Any]:
 
 
 class Location:
-    """A folder in some store (local path, file://, memory://, s3://) with safe read/write helpers."""
+    """A folder in a store (local path, file://, memory://, s3://) with safe read/write helpers."""
 
     def __init__(self, url: str, role: str = "owner", **storage_options: Any) -> None:
         self.url = url.rstrip("/")
@@ -93,7 +96,9 @@ class Location:
     def read_bytes(self, name: str, limit: int | None = None) -> bytes:
         """Whole object, refusing objects larger than limit."""
         if limit is not None and self.size(name) > limit:
-            raise IntegrityError(f"{self.url}/{name} is larger than {limit} bytes; refusing to read")
+            raise IntegrityError(
+                f"{self.url}/{name} is larger than {limit} bytes; refusing to read"
+            )
         with self._errors(name):
             return bytes(self.fs.cat_file(self.path(name)))
 
@@ -124,7 +129,9 @@ class Location:
         try:
             return json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise IntegrityError(f"{self.url}/{name}: not valid JSON ({exc}); re-create it") from exc
+            raise IntegrityError(
+                f"{self.url}/{name}: not valid JSON ({exc}); re-create it"
+            ) from exc
 
     def write_json(self, name: str, value: Any) -> None:
         """Write JSON atomically."""
@@ -150,7 +157,9 @@ class Location:
         try:
             yield
         except FileNotFoundError as exc:
-            raise StoreError(f"{where} ({self.role}): not found; was the previous stage run?") from exc
+            raise StoreError(
+                f"{where} ({self.role}): not found; was the previous stage run?"
+            ) from exc
         except PermissionError as exc:
             raise StoreError(
                 f"{where} ({self.role}): access denied; check this role's credentials "
@@ -187,7 +196,9 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def check_objects(loc: Location, objects: Mapping[str, Mapping[str, Any]], deep: bool = True) -> None:
+def check_objects(
+    loc: Location, objects: Mapping[str, Mapping[str, Any]], deep: bool = True
+) -> None:
     """Verify that every object listed in a manifest exists with its size (and hash, if deep)."""
     for name, meta in sorted(objects.items()):
         size = loc.size(name)
@@ -196,4 +207,6 @@ def check_objects(loc: Location, objects: Mapping[str, Mapping[str, Any]], deep:
                 f"{loc.url}/{name}: {size} bytes, manifest says {meta['size']}; re-run upload"
             )
         if deep and loc.sha256(name) != meta["sha256"]:
-            raise IntegrityError(f"{loc.url}/{name}: SHA-256 differs from its manifest; re-run upload")
+            raise IntegrityError(
+                f"{loc.url}/{name}: SHA-256 differs from its manifest; re-run upload"
+            )
