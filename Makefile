@@ -3,7 +3,7 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 # CPU build from local disk here; a GPU cluster image installs its CUDA torch before `make venv`
-# (TORCH_SPEC="torch==2.13.0" picks the index's default CUDA build; see README).
+# TORCH_SPEC may carry pip flags, e.g. an --index-url for a CUDA build (see README).
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	@command -v $(PY) >/dev/null || { echo "need $(PY) (set PY=python3.x, 3.11+)"; exit 1; }
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q $(TORCH_SPEC)
 	# crypten 0.4.1's metadata requires the dead `sklearn` package and torchvision: install it
 	# alone; its real runtime needs are declared in pyproject.toml.
 	$(BIN)/pip install -q --no-deps crypten==0.4.1

@@ -1,0 +1,74 @@
+"""Training on shares without Prefect: resume from checkpoints, and failures that name a party."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from veiltrain import launch, owner, report
+from veiltrain.config import RunConfig, load_config
+from veiltrain.errors import IntegrityError, PartyError
+from veiltrain.party import TrainJob
+from veiltrain.store import Location
+
+pytestmark = pytest.mark.slow
+
+
+def _prepared(tmp_path: Path, **options: Any) -> tuple[RunConfig, TrainJob]:
+    base = {"max_samples": 120, "batch_size": 32, "test_fraction": 0.25, "timeout_s": 60}
+    cfg = load_config(**{**base, "out": str(tmp_path / "run"), **options}).resolved()
+    info = owner.encrypt_dataset(cfg)
+    owner.encrypt_model(cfg)
+    owner.upload(cfg)
+    return cfg, launch.train_job(cfg, info["order_seed"])
+
+
+def _train(cfg: RunConfig, job: TrainJob) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = []
+    launch.run_local(cfg.stores(), job, events.append)
+    return events
+
+
+def _starts(events: list[dict[str, Any]]) -> set[int]:
+    return {e["epoch"] for e in events if e["event"] == "start"}
+
+
+def test_rerun_resumes_from_newest_common_checkpoint_with_plaintext_parity(tmp_path: Path) -> None:
+    cfg, job = _prepared(tmp_path, epochs=3)
+    assert _starts(_train(cfg, replace(job, epochs=1))) == {1}
+    # Party 1 lost its epoch-2 checkpoint record: both parties must restart at epoch 2.
+    assert _starts(_train(cfg, replace(job, epochs=2))) == {2}
+    Location(cfg.stores()[1]).remove("checkpoints/epoch-0002/checkpoint.json")
+    assert _starts(_train(cfg, job)) == {2}
+    result = report.build_report(cfg, {})
+    # Resumed training must equal uninterrupted plaintext training step by step.
+    assert len(result["losses"]) == 3 * 3
+    assert result["max_loss_gap"] < 0.05
+
+
+def test_finished_run_trains_no_more(tmp_path: Path) -> None:
+    cfg, job = _prepared(tmp_path, epochs=1)
+    _train(cfg, job)
+    events = _train(cfg, job)
+    assert not [e for e in events if e["event"] == "step"]
+
+
+def test_a_party_with_the_wrong_store_fails_the_stage_by_name(tmp_path: Path) -> None:
+    cfg, job = _prepared(tmp_path, epochs=1)
+    stores = [cfg.stores()[0], str(tmp_path / "nowhere")]
+    with pytest.raises(PartyError, match="party 1") as caught:
+        launch.run_local(stores, job, lambda e: None)
+    assert "not found" in str(caught.value)
+
+
+def test_settings_changes_are_not_resumed(tmp_path: Path) -> None:
+    cfg, job = _prepared(tmp_path, epochs=1)
+    _train(cfg, job)
+    other = replace(job, lr=job.lr / 2, settings_hash="0" * 64)
+    assert _starts(_train(cfg, other)) == {1}
+    # The owner notices that the stored checkpoints no longer match the run's settings.
+    with pytest.raises(IntegrityError, match="other settings"):
+        report.reconstruct(cfg)
