@@ -59,7 +59,7 @@ def upload_shares(cfg: RunConfig) -> dict[str, Any]:
 def train_parties(cfg: RunConfig, order_seed: int, total_steps: int) -> dict[str, Any]:
     """Run every party and the dealer; no retries here: a rerun resumes from checkpoints."""
     artifact: UUID = create_progress_artifact(  # type: ignore[assignment]  # sync in a task
-        0.0, key=_key(cfg, "progress"), description=f"training run {cfg.run_id} on shares"
+        0.0, key=_key("progress"), description=f"training run {cfg.run_id} on shares"
     )
     last = [0.0]
 
@@ -82,8 +82,8 @@ def decrypt_report(cfg: RunConfig, stage_seconds: dict[str, float]) -> dict[str,
     return result
 
 
-def _key(cfg: RunConfig, what: str) -> str:
-    # Artifact keys: lowercase letters, digits and dashes only.
+def _key(what: str) -> str:
+    # Stable keys: the UI lists each key's versions, one per run (description names the run).
     return f"veiltrain-{what}"
 
 
@@ -93,12 +93,12 @@ def _publish(cfg: RunConfig, result: dict[str, Any]) -> None:
         for i, (a, b) in enumerate(zip(result["losses"], result["plaintext_losses"], strict=True))
     ]
     create_table_artifact(
-        rows, key=_key(cfg, "losses"), description=f"loss curve, run {cfg.run_id}"
+        rows, key=_key("losses"), description=f"loss curve, run {cfg.run_id}"
     )
     png = base64.b64encode(Path(cfg.out, "loss.png").read_bytes()).decode()
     create_markdown_artifact(
         _markdown(result, png),
-        key=_key(cfg, "report"),
+        key=_key("report"),
         description=f"veiltrain report, run {cfg.run_id}",
     )
 

@@ -248,8 +248,10 @@ def _train_step(crypten_mod: Any, name: str) -> Step:
 
     out = cmodel(crypten_mod.cryptensor(x))
     # A linear loss with fixed weights: its gradients are directly comparable with PyTorch's.
+    # (A summed, not averaged, loss keeps per-element gradients well above the fixed-point
+    # resolution 2^-16; tiny gradients lose their relative precision in any CrypTen model.)
     weights = torch.randn(out.size(), generator=torch.Generator().manual_seed(2))
-    loss = out.mul(weights).sum().div(out.size(0))
+    loss = out.mul(weights).sum()
     cmodel.zero_grad()
     loss.backward()
     grads = {
@@ -262,7 +264,7 @@ def _train_step(crypten_mod: Any, name: str) -> Step:
     model.train()
     reference = model(x)
     model.zero_grad()
-    ((reference * weights).sum() / reference.shape[0]).backward()
+    (reference * weights).sum().backward()
     return Step(
         model=model,
         cmodel=cmodel,

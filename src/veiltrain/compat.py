@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import sys
+import warnings
 from typing import Any
 
 _APPLIED = False
@@ -24,7 +26,18 @@ def _export_with_torchscript(converter: Any) -> None:
     """torch >= 2.9 exports through dynamo by default; CrypTen needs the TorchScript exporter."""
     import torch
 
+    # Older torch has no `dynamo` switch and exports with TorchScript anyway.
+    takes_dynamo = "dynamo" in inspect.signature(torch.onnx.export).parameters
+    extra: dict[str, Any] = {"dynamo": False} if takes_dynamo else {}
+
     def export(f: Any, pytorch_model: Any, dummy_input: Any) -> Any:
+        with warnings.catch_warnings():
+            # The TorchScript exporter is deprecated but still the one CrypTen can read.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            _torchscript_export(f, pytorch_model, dummy_input)
+        return f
+
+    def _torchscript_export(f: Any, pytorch_model: Any, dummy_input: Any) -> None:
         torch.onnx.export(
             pytorch_model,
             dummy_input,
@@ -35,9 +48,8 @@ def _export_with_torchscript(converter: Any) -> None:
             output_names=["output"],
             operator_export_type=torch.onnx.OperatorExportTypes.ONNX,
             opset_version=converter._OPSET_VERSION,
-            dynamo=False,
+            **extra,
         )
-        return f
 
     converter._export_pytorch_model = export
 
@@ -73,6 +85,19 @@ def _batchnorm_single_output(module: Any) -> None:
     module.BatchNormalization.forward = forward
 
 
+def _global_pool_keeps_gradients(module: Any) -> None:
+    """GlobalAveragePool starts from `shallow_copy()`, which cuts the autograd graph: nothing
+    below an adaptive average pool (a ResNet's whole body) would ever train."""
+
+    def forward(self: Any, x: Any) -> Any:
+        result = x
+        for dim in range(2, x.dim()):
+            result = result.sum(dim, keepdim=True)
+        return result.div(x.nelement() / float(x.size(0) * x.size(1)))
+
+    module.GlobalAveragePool.forward = forward
+
+
 def apply() -> None:
     """Apply every patch once; safe to call repeatedly."""
     global _APPLIED  # noqa: PLW0603 - a process-wide, idempotent patch flag
@@ -84,4 +109,5 @@ def apply() -> None:
     _export_with_torchscript(converter)
     _add_identity(converter, module)
     _batchnorm_single_output(module)
+    _global_pool_keeps_gradients(module)
     _APPLIED = True

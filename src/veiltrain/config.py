@@ -87,8 +87,10 @@ class RunConfig(BaseModel):
             raise ValueError(
                 f"--party-store given {len(self.party_stores)} times for {self.parties} parties"
             )
-        if len(set(self.stores())) != self.parties:
-            raise InsecureSetupError("two parties share one store location; give each its own")
+        if len({_normalised(url) for url in self.stores()}) != self.parties:
+            raise InsecureSetupError(
+                "--party-store/--store: two parties share one store location; give each its own"
+            )
         return self
 
     def resolved(self) -> RunConfig:
@@ -126,6 +128,13 @@ class RunConfig(BaseModel):
         return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def _normalised(url: str) -> str:
+    """Compare locations, not spellings: trailing slashes and file:// prefixes do not matter."""
+    if "://" not in url or url.startswith("file://"):
+        return "file://" + str(Path(url.removeprefix("file://")).expanduser().resolve())
+    return url.rstrip("/")
+
+
 def load_config(**options: Any) -> RunConfig:
     """Validate options, turning pydantic's report into one ConfigError naming each bad option."""
     try:
@@ -140,7 +149,9 @@ def load_config(**options: Any) -> RunConfig:
 
 
 def _describe(error: Any) -> str:
-    where = ".".join(str(p) for p in error.get("loc", ())) or "options"
+    where = ".".join(str(p) for p in error.get("loc", ()))
+    if not where:  # a check across options: its message names them itself
+        return str(error.get("msg", "invalid options")).removeprefix("Value error, ")
     flag = "--" + where.replace("_", "-")
     return f"{flag}: {error.get('msg', 'invalid')} (got {error.get('input')!r})"
 

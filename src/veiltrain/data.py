@@ -74,8 +74,14 @@ def _npz(path: Path) -> tuple[Array, Array, Array | None, Array | None, list[str
     if not path.is_file():
         raise ConfigError(f"--dataset {path}: no such file")
     # allow_pickle=False: an .npz from elsewhere must not be able to run code here.
-    with np.load(path, allow_pickle=False) as npz:
-        arrays = {k: npz[k] for k in npz.files}
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (ValueError, OSError) as exc:
+        raise ConfigError(
+            f"--dataset {path}: not a readable .npz of numeric arrays ({exc}); object arrays "
+            "are refused because loading them would unpickle"
+        ) from exc
     for key in ("x", "y"):
         if key not in arrays:
             raise ConfigError(f"--dataset {path}: needs arrays 'x' and 'y', has {sorted(arrays)}")
@@ -129,8 +135,11 @@ def _image_dir(path: Path) -> tuple[Array, Array, None, None, list[str]]:
 
 
 def _read_image(image_module: Any, file: Path, shape: tuple[int, ...] | None) -> Array:
-    with image_module.open(file) as img:
-        arr = np.asarray(img.convert("L" if img.mode in ("1", "L", "P", "I") else "RGB"))
+    try:
+        with image_module.open(file) as img:
+            arr = np.asarray(img.convert("L" if img.mode in ("1", "L", "P", "I") else "RGB"))
+    except OSError as exc:  # PIL's UnidentifiedImageError is an OSError
+        raise ConfigError(f"image {file}: cannot be read ({exc}); remove or replace it") from exc
     arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
     if shape is not None and arr.shape != shape:
         raise ConfigError(f"image {file}: shape {arr.shape} differs from {shape}; resize all alike")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import os
+import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from typing import Any
 import torch
 
 from veiltrain import compat
-from veiltrain.errors import ConfigError, InsecureSetupError, PartyError
+from veiltrain.errors import ConfigError, InsecureSetupError, PartyError, VeiltrainError
 
 compat.apply()
 
@@ -118,8 +119,8 @@ def session(spec: PartySpec) -> Iterator[None]:
             finally:
                 crypten.uninit()
     except (RuntimeError, ValueError) as exc:
-        if isinstance(exc, ConfigError):
-            raise
+        if isinstance(exc, VeiltrainError):
+            raise  # already names the problem; only CrypTen's and torch's errors are translated
         raise PartyError(
             f"{who}: the multi-party computation failed or timed out after "
             f"{spec.timeout_s:.0f} s ({type(exc).__name__}: {str(exc)[:300]}); check that every "
@@ -129,7 +130,10 @@ def session(spec: PartySpec) -> Iterator[None]:
 
 def to_crypten(model: torch.nn.Module, dummy_input: torch.Tensor) -> Any:
     """Convert a PyTorch module to a CrypTen graph whose parameter nodes are its state_dict keys."""
-    cmodel = crypten.nn.from_pytorch(model, dummy_input)
+    with warnings.catch_warnings():
+        # CrypTen wraps read-only ONNX buffers with torch.from_numpy; it never writes to them.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        cmodel = crypten.nn.from_pytorch(model, dummy_input)
     _untie_initializers(cmodel, model)
     return cmodel
 

@@ -196,7 +196,7 @@ def _upload_party(cfg: RunConfig, party: int) -> dict[str, int]:
     for name in src.list():
         digest, size = src.sha256(name), src.size(name)
         objects[name] = {"sha256": digest, "size": size}
-        if previous.get(name) == objects[name] and dst.exists(name) and dst.size(name) == size:
+        if previous.get(name) == objects[name] and _same_object(dst, name, size, digest):
             counts["skipped"] += 1
             continue
         if counts["uploaded"] == 0 and previous:
@@ -207,9 +207,14 @@ def _upload_party(cfg: RunConfig, party: int) -> dict[str, int]:
         counts["bytes"] += size
     check_objects(dst, objects, deep=True)
     manifest = _manifest(cfg, party, objects)
-    if previous.get("__manifest__") != sha256_bytes(_canonical(manifest)):
+    if counts["uploaded"] or previous.get("__manifest__") != sha256_bytes(_canonical(manifest)):
         dst.write_json(MANIFEST, manifest)
     return counts
+
+
+def _same_object(dst: Location, name: str, size: int, digest: str) -> bool:
+    # Hash, not just size: a same-size corruption in the store must be repaired, not skipped.
+    return dst.exists(name) and dst.size(name) == size and dst.sha256(name) == digest
 
 
 def _canonical(manifest: dict[str, Any]) -> bytes:

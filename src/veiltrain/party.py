@@ -21,7 +21,7 @@ from veiltrain import data, models, sharing
 from veiltrain.errors import ConfigError, IntegrityError, VeiltrainError
 from veiltrain.ffrecord import FileReader
 from veiltrain.owner import read_manifest
-from veiltrain.store import Location, check_objects
+from veiltrain.store import Location, check_objects, sha256_bytes
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,9 @@ class Trainer:
                 f"{loc.url}: holds run {manifest['run_id']!r} party {manifest['party']}, "
                 f"but this is run {job.run_id!r} party {rank}; check the store URLs"
             )
+        # Sizes here; parameter files are hashed when loaded, data records carry CRCs.
         check_objects(loc, manifest["objects"], deep=False)
+        self.manifest = manifest
         self.data = PartyData(loc)
         self.spec = loc.read_json("model/spec.json")
         self.steps_per_epoch = math.ceil(self.data.count / job.batch_size)
@@ -173,7 +175,7 @@ class Trainer:
             "step": epoch * self.steps_per_epoch,
             "settings_hash": self.job.settings_hash,
             "precision_bits": self.job.precision_bits,
-            "objects": {n: {"sha256": _sha(b), "size": len(b)} for n, b in blobs.items()},
+            "objects": {n: {"sha256": sha256_bytes(b), "size": len(b)} for n, b in blobs.items()},
         }
         self.loc.write_json(f"{folder}/checkpoint.json", record)  # last: marks it complete
         emit("checkpoint", epoch=epoch)
@@ -186,24 +188,28 @@ class Trainer:
         return int(agreed.item())
 
     def _initial_shares(self, epoch: int) -> dict[str, torch.Tensor]:
-        name = (
-            f"checkpoints/epoch-{epoch:04d}/params.safetensors"
-            if epoch
-            else "model/params.safetensors"
-        )
-        return load_safetensors(self.loc.read_bytes(name))
+        if epoch == 0:
+            name, listed = "model/params.safetensors", self.manifest["objects"]
+        else:
+            folder = f"checkpoints/epoch-{epoch:04d}"
+            name = f"{folder}/params.safetensors"
+            listed = {
+                name: self.loc.read_json(f"{folder}/checkpoint.json")["objects"][
+                    "params.safetensors"
+                ]
+            }
+        blob = self.loc.read_bytes(name)
+        if sha256_bytes(blob) != listed[name]["sha256"]:
+            raise IntegrityError(
+                f"{self.loc.url}/{name}: SHA-256 differs from its record; re-upload"
+            )
+        return load_safetensors(blob)
 
 
 def _main_group() -> Any:
     import crypten.communicator as comm
 
     return comm.get().main_group
-
-
-def _sha(blob: bytes) -> str:
-    from veiltrain.store import sha256_bytes
-
-    return sha256_bytes(blob)
 
 
 def _loss(name: str) -> Any:
@@ -214,22 +220,26 @@ def _loss(name: str) -> Any:
 
 def latest_checkpoint(loc: Location, job: TrainJob) -> int:
     """Highest epoch with a complete checkpoint of this run and settings, or 0."""
-    best = 0
-    for name in loc.list("checkpoints"):
-        if not name.endswith("/checkpoint.json"):
-            continue
-        try:
-            record = loc.read_json(name)
-            ok = record["run_id"] == job.run_id and record["settings_hash"] == job.settings_hash
-            ok = ok and all(
-                loc.size(f"{name.rsplit('/', 1)[0]}/{o}") == m["size"]
-                for o, m in record["objects"].items()
-            )
-        except (IntegrityError, KeyError, TypeError, VeiltrainError):
-            continue  # an unreadable or foreign checkpoint is not a resume point
-        if ok and int(record["epoch"]) <= job.epochs:
-            best = max(best, int(record["epoch"]))
-    return best
+    epochs = [
+        _usable_epoch(loc, n, job)
+        for n in loc.list("checkpoints")
+        if n.endswith("/checkpoint.json")
+    ]
+    return max((e for e in epochs if e is not None and e <= job.epochs), default=0)
+
+
+def _usable_epoch(loc: Location, name: str, job: TrainJob) -> int | None:
+    """The epoch of a complete checkpoint of this run and settings; None for anything else."""
+    folder = name.rsplit("/", 1)[0]
+    try:
+        record = loc.read_json(name)
+        ok = record["run_id"] == job.run_id and record["settings_hash"] == job.settings_hash
+        ok = ok and all(
+            loc.size(f"{folder}/{o}") == m["size"] for o, m in record["objects"].items()
+        )
+        return int(record["epoch"]) if ok else None
+    except (KeyError, TypeError, ValueError, VeiltrainError):
+        return None  # an unreadable, partial or foreign checkpoint is not a resume point
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:

@@ -1,0 +1,196 @@
+"""veiltrain.mpc: party set-up checks, and real multi-process runs on secret shares.
+
+The multi-process tests start every compute party and the TTP dealer as a fresh Python process
+(tests/mpc_worker.py) that meets the others at tcp://127.0.0.1:<free port>. The test plays the
+data owner: it encodes and splits the inputs, hands each party only its own shares, and
+reconstructs the results from the parties' output shares. No party ever decrypts.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from veiltrain import mpc, sharing
+from veiltrain.errors import ConfigError, InsecureSetupError, PartyError, VeiltrainError
+
+WORKER = Path(__file__).with_name("mpc_worker.py")
+PRECISION_BITS = 16
+PARTY_TIMEOUT_S = 30.0  # a healthy run meets well inside this
+MISSING_PARTY_TIMEOUT_S = 5.0
+_ENV_KEYS = ("RANK", "WORLD_SIZE", "RENDEZVOUS", "DISTRIBUTED_BACKEND")
+
+
+# --------------------------------------------------------------------------- PartySpec
+
+
+def test_validate_refuses_a_single_party() -> None:
+    for world_size in (1, 0):
+        with pytest.raises(InsecureSetupError, match="fewer than 2"):
+            mpc.PartySpec(0, world_size, "tcp://127.0.0.1:1").validate()
+
+
+def test_validate_refuses_cuda_without_a_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    spec = mpc.PartySpec(1, 2, "tcp://127.0.0.1:1", device="cuda:0")
+    with pytest.raises(ConfigError, match="party 1.*cuda:0") as info:
+        spec.validate()
+    assert not isinstance(info.value, InsecureSetupError)
+
+
+def test_validate_refuses_a_rank_outside_the_world() -> None:
+    for rank in (-1, 3):
+        with pytest.raises(ConfigError, match=f"rank {rank}"):
+            mpc.PartySpec(rank, 2, "tcp://127.0.0.1:1").validate()
+
+
+def test_validate_accepts_parties_and_the_dealer() -> None:
+    for rank in range(3):
+        spec = mpc.PartySpec(rank, 2, "tcp://127.0.0.1:1")
+        spec.validate()
+        assert spec.is_dealer == (rank == 2)
+
+
+def test_session_refuses_one_party_before_touching_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for key in _ENV_KEYS:
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(InsecureSetupError), mpc.session(mpc.PartySpec(0, 1, "tcp://127.0.0.1:1")):
+        pytest.fail("a one-party session must not start")
+    assert not any(key in os.environ for key in _ENV_KEYS)
+
+
+def test_party_error_is_a_runtime_error_and_a_veiltrain_error() -> None:
+    assert issubclass(PartyError, RuntimeError)
+    assert issubclass(PartyError, VeiltrainError)
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _ENV_KEYS}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    return env
+
+
+@dataclass
+class Finished:
+    rank: int
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def _run(
+    ranks: list[int], world_size: int, folder: Path, timeout_s: float, overall_s: float
+) -> tuple[list[Finished], float]:
+    """Start one fresh process per rank, wait for all (killing all past overall_s)."""
+    rendezvous = f"tcp://127.0.0.1:{_free_port()}"
+    start = time.monotonic()
+    procs = {
+        rank: subprocess.Popen(
+            [sys.executable, str(WORKER), str(rank), str(world_size), rendezvous]
+            + [str(timeout_s), str(folder)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(),
+        )
+        for rank in ranks
+    }
+    finished: list[Finished] = []
+    try:
+        for rank, proc in procs.items():
+            remaining = max(0.1, overall_s - (time.monotonic() - start))
+            try:
+                out, err = proc.communicate(timeout=remaining)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"rank {rank} of {world_size} at {rendezvous} hung past {overall_s} s")
+            finished.append(Finished(rank, proc.returncode, out, err))
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    for f in finished:
+        f.stderr = f.stderr.replace(rendezvous, "<RENDEZVOUS>")
+    return finished, time.monotonic() - start
+
+
+def _report(finished: list[Finished]) -> str:
+    return "\n".join(
+        f"--- rank {f.rank}: exit {f.returncode}\n{f.stdout[-1000:]}\n{f.stderr[-3000:]}"
+        for f in finished
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_parties_multiply_on_shares(tmp_path: Path, world_size: int) -> None:
+    rng = np.random.default_rng(world_size)
+    a = rng.uniform(-3.0, 3.0, size=(3, 5))
+    b = rng.uniform(-3.0, 3.0, size=(3, 5))
+    a_shares = sharing.split_full(sharing.encode(a, PRECISION_BITS), world_size)
+    b_shares = sharing.split_full(sharing.encode(b, PRECISION_BITS), world_size)
+    for rank in range(world_size):
+        # Each party's file holds its own shares only; one share alone is uniformly random.
+        assert not np.array_equal(a_shares[rank], sharing.encode(a, PRECISION_BITS))
+        np.savez(tmp_path / f"in_{rank}.npz", a=a_shares[rank], b=b_shares[rank])
+
+    finished, _ = _run(
+        list(range(world_size + 1)), world_size, tmp_path, PARTY_TIMEOUT_S, overall_s=120
+    )
+    assert all(f.returncode == 0 for f in finished), _report(finished)
+    assert f"party-{world_size - 1}-done" in finished[world_size - 1].stdout
+    assert "dealer-done" in finished[world_size].stdout
+
+    outputs = []
+    for rank in range(world_size):
+        with np.load(tmp_path / f"out_{rank}.npz", allow_pickle=False) as data:
+            outputs.append({key: data[key] for key in ("mul", "matmul")})
+    assert not (tmp_path / f"out_{world_size}.npz").exists(), "the dealer wrote an output"
+    for key, expected in (("mul", a * b), ("matmul", a @ b.T)):
+        shares = [out[key] for out in outputs]
+        assert all(s.dtype == np.int64 and s.shape == expected.shape for s in shares), key
+        result = sharing.decode(sharing.reconstruct(shares), PRECISION_BITS)
+        np.testing.assert_allclose(result, expected, atol=1e-3, err_msg=key)
+
+
+@pytest.mark.slow
+def test_a_missing_party_fails_the_others_with_party_error(tmp_path: Path) -> None:
+    world_size = 2
+    present = [0, world_size]  # party 0 and the dealer; party 1 never starts
+    for rank in range(world_size):
+        np.savez(tmp_path / f"in_{rank}.npz", a=np.zeros(2, np.int64), b=np.zeros(2, np.int64))
+
+    finished, elapsed = _run(present, world_size, tmp_path, MISSING_PARTY_TIMEOUT_S, overall_s=60)
+    # Well inside gloo's default 30 minutes: the session's own timeout applied.
+    assert elapsed < 45, f"took {elapsed:.0f} s\n{_report(finished)}"
+    who = {0: "party 0:", world_size: "the dealer:"}
+    for f in finished:
+        assert f.returncode == 3, _report(finished)
+        lines = [line for line in f.stderr.splitlines() if line.startswith("PartyError: ")]
+        assert lines, _report(finished)
+        message = lines[-1]
+        assert who[f.rank] in message
+        assert "<RENDEZVOUS>" in message  # names where the parties were to meet
+        assert f"every party 0..{world_size - 1} and the dealer" in message
+        assert f"{MISSING_PARTY_TIMEOUT_S:.0f} s" in message
+    assert not list(tmp_path.glob("out_*.npz"))

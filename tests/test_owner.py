@@ -1,0 +1,319 @@
+"""Owner stages (encrypt, upload, manifests) and the party-side readers, local and on real S3."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load as load_safetensors
+
+from seaweed import PARTY_BUCKETS, S3Server
+from veiltrain import owner, sharing
+from veiltrain.config import RunConfig, load_config
+from veiltrain.data import one_hot
+from veiltrain.errors import IntegrityError, StoreError
+from veiltrain.party import PartyData, TrainJob, latest_checkpoint
+from veiltrain.store import Location, sha256_bytes
+
+TOLERANCE = 2.0**-16
+
+
+def _config(tmp_path: Path, parties: int, **options: Any) -> RunConfig:
+    return load_config(
+        max_samples=120, parties=parties, out=str(tmp_path / "run"), **options
+    ).resolved()
+
+
+def _prepare(cfg: RunConfig) -> dict[str, Any]:
+    owner.encrypt_dataset(cfg)
+    owner.encrypt_model(cfg)
+    return owner.upload(cfg)
+
+
+def _parties(cfg: RunConfig) -> list[Location]:
+    return [owner.party_location(cfg, i) for i in range(cfg.parties)]
+
+
+def _check_manifests(cfg: RunConfig, parties: list[Location]) -> None:
+    for i, loc in enumerate(parties):
+        manifest = owner.read_manifest(loc)
+        assert manifest["format"] == owner.MANIFEST_FORMAT
+        assert manifest["version"] == owner.MANIFEST_VERSION
+        assert (manifest["run_id"], manifest["party"]) == (cfg.run_id, i)
+        assert (manifest["parties"], manifest["precision_bits"]) == (cfg.parties, 16)
+        stored = [n for n in loc.list() if n != owner.MANIFEST]
+        assert sorted(manifest["objects"]) == stored
+        for name, meta in manifest["objects"].items():
+            assert meta == {"sha256": loc.sha256(name), "size": loc.size(name)}
+
+
+def _check_reconstruction(cfg: RunConfig, parties: list[Location]) -> None:
+    own = owner.owner_location(cfg)
+    train = owner.load_npz(own, "private/train.npz")
+    shares = [PartyData(loc) for loc in parties]
+    count = len(train["x"])
+    assert all(s.count == count for s in shares)
+    idx = np.random.default_rng(0).permutation(count)[:37]
+    idx = np.concatenate([idx, [0, count - 1]])
+    xs, ys = zip(*(s.batch(idx) for s in shares), strict=True)
+    assert all(x.dtype == torch.int64 for x in xs)
+    x = sharing.decode(sharing.reconstruct(list(xs)), cfg.precision_bits)
+    y = sharing.decode(sharing.reconstruct(list(ys)), cfg.precision_bits)
+    classes = shares[0].num_classes
+    np.testing.assert_allclose(x, train["x"][idx], rtol=0, atol=TOLERANCE)
+    np.testing.assert_allclose(y, one_hot(train["y"][idx], classes), rtol=0, atol=TOLERANCE)
+    # A single share alone is noise, not the data.
+    assert np.abs(sharing.decode(xs[0].numpy(), 16)).mean() > 1e6
+
+    initial = load_safetensors(own.read_bytes("private/initial.safetensors"))
+    params = [load_safetensors(loc.read_bytes("model/params.safetensors")) for loc in parties]
+    assert all(set(p) == set(initial) for p in params)
+    for name, value in initial.items():
+        total = sharing.reconstruct([p[name] for p in params])
+        assert total.shape == tuple(value.shape)
+        decoded = sharing.decode(total, cfg.precision_bits)
+        np.testing.assert_allclose(decoded, value.double().numpy(), rtol=0, atol=TOLERANCE)
+
+
+@pytest.mark.parametrize("parties", [2, 3])
+def test_encrypt_and_upload_give_complete_manifests(tmp_path: Path, parties: int) -> None:
+    cfg = _config(tmp_path, parties)
+    counts = _prepare(cfg)
+    locs = _parties(cfg)
+    assert counts["skipped"] == 0
+    assert counts["uploaded"] == sum(len(loc.list()) - 1 for loc in locs)
+    _check_manifests(cfg, locs)
+    shards = [n for n in locs[0].list() if n.endswith(".ffr")]
+    assert shards and all(n.startswith("dataset/shard-") for n in shards)
+    for loc in locs[1:]:  # seed-compressed: no record files, only the seed in info.json
+        assert not [n for n in loc.list() if n.endswith(".ffr")]
+        assert loc.read_json("dataset/info.json")["format"] == "keystream"
+    for loc in locs:
+        names = loc.list()
+        assert not [n for n in names if n.endswith((".npz", ".npy", ".pt", ".pkl"))]
+        assert {"model/params.safetensors", "model/spec.json", "dataset/info.json"} <= set(names)
+    _check_reconstruction(cfg, locs)
+
+
+def test_second_upload_uploads_nothing(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, 2)
+    first = _prepare(cfg)
+    locs = _parties(cfg)
+    before = [loc.read_bytes(owner.MANIFEST) for loc in locs]
+    second = owner.upload(cfg)
+    assert second == {"uploaded": 0, "skipped": first["uploaded"], "bytes": 0}
+    assert [loc.read_bytes(owner.MANIFEST) for loc in locs] == before
+
+
+def _first_shard(loc: Location) -> str:
+    return next(n for n in loc.list() if n.endswith(".ffr"))
+
+
+def test_truncated_object_is_uploaded_again(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, 2)
+    _prepare(cfg)
+    party0 = owner.party_location(cfg, 0)
+    name = _first_shard(party0)
+    good = party0.read_bytes(name)
+    party0.write_bytes(name, good[:-8])
+    counts = owner.upload(cfg)
+    assert counts["uploaded"] == 1 and counts["bytes"] == len(good)
+    assert party0.read_bytes(name) == good
+
+
+def test_manifest_survives_a_repairing_upload(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, 2)
+    _prepare(cfg)
+    party0 = owner.party_location(cfg, 0)
+    name = _first_shard(party0)
+    party0.write_bytes(name, party0.read_bytes(name)[:-8])
+    owner.upload(cfg)
+    _check_manifests(cfg, _parties(cfg))
+
+
+def test_same_size_corruption_is_uploaded_again(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, 2)
+    _prepare(cfg)
+    party1 = owner.party_location(cfg, 1)
+    good = party1.read_bytes("model/params.safetensors")
+    party1.write_bytes("model/params.safetensors", good[:-1] + bytes([good[-1] ^ 1]))
+    counts = owner.upload(cfg)
+    assert counts["uploaded"] == 1
+    assert party1.read_bytes("model/params.safetensors") == good
+
+
+def test_new_shares_replace_old_ones_and_the_manifest(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, 2)
+    _prepare(cfg)
+    old = owner.read_manifest(owner.party_location(cfg, 0))["objects"]
+    owner.encrypt_dataset(cfg)  # fresh masks: new bytes for the data shares
+    counts = owner.upload(cfg)
+    assert counts["uploaded"] >= 2 and counts["skipped"] >= 2
+    locs = _parties(cfg)
+    _check_manifests(cfg, locs)
+    assert owner.read_manifest(locs[0])["objects"] != old
+    _check_reconstruction(cfg, locs)
+
+
+def test_damaged_manifest_is_rewritten(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, 2)
+    _prepare(cfg)
+    party0 = owner.party_location(cfg, 0)
+    party0.write_bytes(owner.MANIFEST, b"{truncated")
+    counts = owner.upload(cfg)
+    assert counts["uploaded"] == len(party0.list()) - 1
+    _check_manifests(cfg, _parties(cfg))
+
+
+@pytest.mark.parametrize(
+    ("manifest", "message"),
+    [
+        ({"format": "something-else", "version": 1, "objects": {}}, "not a veiltrain"),
+        ({"version": 1, "objects": {}}, "not a veiltrain"),
+        ({"format": owner.MANIFEST_FORMAT, "version": 2, "objects": {}}, "version 2"),
+        ({"format": owner.MANIFEST_FORMAT, "objects": {}}, "version None"),
+        ({"format": owner.MANIFEST_FORMAT, "version": 1, "objects": []}, "no object list"),
+        ({"format": owner.MANIFEST_FORMAT, "version": 1}, "no object list"),
+        ([1, 2, 3], "not a veiltrain"),
+    ],
+)
+def test_read_manifest_rejects_foreign_manifests(
+    tmp_path: Path, manifest: Any, message: str
+) -> None:
+    loc = Location(str(tmp_path))
+    loc.write_json(owner.MANIFEST, manifest)
+    with pytest.raises(IntegrityError, match=message):
+        owner.read_manifest(loc)
+
+
+def test_read_manifest_rejects_corrupt_json_and_missing_file(tmp_path: Path) -> None:
+    loc = Location(str(tmp_path))
+    with pytest.raises(StoreError, match="not found"):
+        owner.read_manifest(loc)
+    loc.write_bytes(owner.MANIFEST, b"\x00\x01")
+    with pytest.raises(IntegrityError, match="manifest.json"):
+        owner.read_manifest(loc)
+
+
+# ------------------------------------------------------------------------------- real S3
+
+
+@pytest.mark.s3
+def test_upload_to_s3_with_per_party_credentials(
+    tmp_path: Path, s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for role in PARTY_BUCKETS:
+        creds = s3_server.identities[role]
+        env = "VEILTRAIN_" + role.upper().replace("-", "_")
+        monkeypatch.setenv(env + "_ACCESS_KEY", creds.key)
+        monkeypatch.setenv(env + "_SECRET_KEY", creds.secret)
+    monkeypatch.setenv("VEILTRAIN_S3_ENDPOINT_URL", s3_server.endpoint_url)
+    prefix = f"owner-tests/{uuid.uuid4().hex}"
+    stores = [f"s3://{PARTY_BUCKETS[f'party-{i}']}/{prefix}" for i in range(2)]
+    cfg = _config(tmp_path, 2, party_stores=stores, owner_store=str(tmp_path / "owner"))
+    first = _prepare(cfg)
+    locs = _parties(cfg)
+    assert [loc.url for loc in locs] == stores
+    assert first["uploaded"] == sum(len(loc.list()) - 1 for loc in locs)
+    _check_manifests(cfg, locs)
+    _check_reconstruction(cfg, locs)
+    before = [loc.read_bytes(owner.MANIFEST) for loc in locs]
+    assert owner.upload(cfg) == {"uploaded": 0, "skipped": first["uploaded"], "bytes": 0}
+    assert [loc.read_bytes(owner.MANIFEST) for loc in locs] == before
+    # Party 1's identity can neither read nor overwrite party 0's shares.
+    snoop = Location(stores[0], role="party-1")
+    for attempt in (
+        lambda: snoop.read_bytes(owner.MANIFEST),
+        lambda: snoop.read_bytes("model/params.safetensors"),
+        lambda: snoop.write_bytes("model/params.safetensors", b"x"),
+    ):
+        with pytest.raises(StoreError, match="access denied") as info:
+            attempt()
+        assert s3_server.identities["party-1"].secret not in str(info.value)
+    assert sha256_bytes(locs[0].read_bytes(owner.MANIFEST)) == sha256_bytes(before[0])
+
+
+# ------------------------------------------------------------------------- checkpoints
+
+
+JOB = TrainJob(
+    run_id="run-a",
+    epochs=5,
+    batch_size=16,
+    lr=0.1,
+    loss="cross-entropy",
+    precision_bits=16,
+    order_seed=7,
+    settings_hash="hash-a",
+)
+
+
+def _checkpoint(loc: Location, epoch: int, **overrides: Any) -> str:
+    folder = f"checkpoints/epoch-{epoch:04d}"
+    blobs = {"params.safetensors": b"p" * 40, "losses.safetensors": b"l" * 8}
+    for name, blob in blobs.items():
+        loc.write_bytes(f"{folder}/{name}", blob)
+    record = {
+        "run_id": JOB.run_id,
+        "party": 0,
+        "epoch": epoch,
+        "step": epoch * 3,
+        "settings_hash": JOB.settings_hash,
+        "precision_bits": 16,
+        "objects": {n: {"sha256": sha256_bytes(b), "size": len(b)} for n, b in blobs.items()},
+        **overrides,
+    }
+    loc.write_json(f"{folder}/checkpoint.json", record)
+    return folder
+
+
+def test_latest_checkpoint_without_checkpoints(tmp_path: Path) -> None:
+    assert latest_checkpoint(Location(str(tmp_path)), JOB) == 0
+
+
+def test_latest_checkpoint_is_the_highest_complete_epoch(tmp_path: Path) -> None:
+    loc = Location(str(tmp_path))
+    for epoch in (1, 2, 3):
+        _checkpoint(loc, epoch)
+    assert latest_checkpoint(loc, JOB) == 3
+
+
+def test_latest_checkpoint_ignores_invalid_checkpoints(tmp_path: Path) -> None:
+    loc = Location(str(tmp_path))
+    _checkpoint(loc, 1)
+    _checkpoint(loc, 2)
+    _checkpoint(loc, 3, settings_hash="other-settings")
+    _checkpoint(loc, 4, run_id="other-run")
+    missing = _checkpoint(loc, 5)
+    loc.remove(f"{missing}/params.safetensors")
+    assert latest_checkpoint(loc, JOB) == 2
+    truncated = _checkpoint(loc, 5)
+    loc.write_bytes(f"{truncated}/losses.safetensors", b"l")
+    assert latest_checkpoint(loc, JOB) == 2
+    loc.write_bytes("checkpoints/epoch-0005/checkpoint.json", b"{corrupt")
+    assert latest_checkpoint(loc, JOB) == 2
+    _checkpoint(loc, 6)  # beyond this job's epochs
+    assert latest_checkpoint(loc, JOB) == 2
+    _checkpoint(loc, 5)
+    assert latest_checkpoint(loc, JOB) == 5
+
+
+def test_data_without_its_marker_is_not_a_checkpoint(tmp_path: Path) -> None:
+    loc = Location(str(tmp_path))
+    _checkpoint(loc, 1)
+    loc.write_bytes("checkpoints/epoch-0002/params.safetensors", b"p" * 40)
+    assert latest_checkpoint(loc, JOB) == 1
+
+
+def test_latest_checkpoint_skips_a_record_without_epoch(tmp_path: Path) -> None:
+    loc = Location(str(tmp_path))
+    _checkpoint(loc, 1)
+    folder = _checkpoint(loc, 2)
+    record = loc.read_json(f"{folder}/checkpoint.json")
+    del record["epoch"]
+    loc.write_json(f"{folder}/checkpoint.json", record)
+    assert latest_checkpoint(loc, JOB) == 1
