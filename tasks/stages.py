@@ -92,9 +92,7 @@ def _publish(cfg: RunConfig, result: dict[str, Any]) -> None:
         {"step": i + 1, "decrypted_loss": round(a, 5), "plaintext_loss": round(b, 5)}
         for i, (a, b) in enumerate(zip(result["losses"], result["plaintext_losses"], strict=True))
     ]
-    create_table_artifact(
-        rows, key=_key("losses"), description=f"loss curve, run {cfg.run_id}"
-    )
+    create_table_artifact(rows, key=_key("losses"), description=f"loss curve, run {cfg.run_id}")
     png = base64.b64encode(Path(cfg.out, "loss.png").read_bytes()).decode()
     create_markdown_artifact(
         _markdown(result, png),
