@@ -20,7 +20,7 @@ from torch import nn
 
 from veiltrain import compat, mpc, sharing
 from veiltrain.errors import ConfigError
-from veiltrain.models import ResNet18, SmallCNN
+from veiltrain.models import BasicBlock, ResNet18, SmallCNN
 
 _ENV_KEYS = ("RANK", "WORLD_SIZE", "RENDEZVOUS", "DISTRIBUTED_BACKEND")
 PRECISION_BITS = 16
@@ -60,26 +60,6 @@ def crypten_single(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 # --------------------------------------------------------------------------- small models
 
 
-class _Block(nn.Module):
-    """A residual block with BatchNorm; a strided one adds a 1x1 conv + BatchNorm shortcut."""
-
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout)
-            )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(h)) + self.shortcut(x))
-
-
 class TinyResNet(nn.Module):
     """3x16x16 -> conv/BN/ReLU -> max pool -> 2 residual blocks -> avg pool -> GAP -> linear."""
 
@@ -88,8 +68,8 @@ class TinyResNet(nn.Module):
         self.stem = nn.Conv2d(3, 4, 3, padding=1, bias=False)
         self.bn = nn.BatchNorm2d(4)
         self.maxpool = nn.MaxPool2d(2)
-        self.block1 = _Block(4, 4, 1)
-        self.block2 = _Block(4, 6, 2)
+        self.block1 = BasicBlock(4, 4, 1)
+        self.block2 = BasicBlock(4, 6, 2)
         self.avgpool = nn.AvgPool2d(2)
         self.gap = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(6, num_classes)

@@ -112,9 +112,12 @@ def resolve(reference: str) -> Callable[..., nn.Module]:
 def build(reference: str, kwargs: Mapping[str, Any], seed: int) -> nn.Module:
     """Call the factory with a fixed torch seed (initial weights are reproducible for the owner)."""
     factory = resolve(reference)
-    torch.manual_seed(seed)
     try:
-        model = factory(**kwargs)
+        # Fork the global generator: CrypTen's dealer draws its seeds from it, so it must keep
+        # its random start-up state rather than a seed someone could guess.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = factory(**kwargs)
     except TypeError as exc:
         raise ConfigError(f"--model-kwargs {dict(kwargs)} do not fit {reference!r}: {exc}") from exc
     if not isinstance(model, nn.Module):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import os
+import secrets
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -110,6 +111,9 @@ def session(spec: PartySpec) -> Iterator[None]:
     try:
         with _patched_dist(spec.timeout_s):
             if spec.is_dealer:
+                # The dealer seeds each party's triple generator from torch's global generator:
+                # reseed it from the OS so that no earlier manual_seed makes those predictable.
+                torch.manual_seed(secrets.randbits(64))
                 crypten.mpc.provider.TTPServer()
                 yield
                 return
