@@ -34,7 +34,8 @@ from veiltrain.ffrecord import (
     list_ffr_files,
 )
 
-VECTORS = Path(__file__).resolve().parents[2] / "shared" / "ffrecord-vectors"
+# Golden files written by the reference implementation (copied from the project's shared/).
+VECTORS = Path(__file__).resolve().parent / "data" / "ffrecord-vectors"
 MANIFEST = json.loads((VECTORS / "manifest.json").read_text())["files"]
 WORKED_EXAMPLE = bytes.fromhex(
     "df292c81 0200000000000000 86a61036 e8988471 2400000000000000 2900000000000000"

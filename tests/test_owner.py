@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from seaweed import PARTY_BUCKETS, S3Server
-from veiltrain import owner, sharing
+from veiltrain import checkpoints, owner, sharing
 from veiltrain.config import RunConfig, load_config
 from veiltrain.data import one_hot
 from veiltrain.errors import IntegrityError, StoreError
-from veiltrain.party import PartyData, TrainJob, latest_checkpoint
+from veiltrain.party import PartyData, TrainJob
 from veiltrain.store import Location, sha256_bytes
 
 TOLERANCE = 2.0**-16
@@ -252,6 +252,11 @@ JOB = TrainJob(
 )
 
 
+def latest_checkpoint(loc: Location) -> int:
+    ident = checkpoints.Identity(JOB.run_id, JOB.settings_hash)
+    return checkpoints.latest(loc, ident, JOB.epochs)
+
+
 def _checkpoint(loc: Location, epoch: int, **overrides: Any) -> str:
     folder = f"checkpoints/epoch-{epoch:04d}"
     blobs = {"params.safetensors": b"p" * 40, "losses.safetensors": b"l" * 8}
@@ -272,14 +277,14 @@ def _checkpoint(loc: Location, epoch: int, **overrides: Any) -> str:
 
 
 def test_latest_checkpoint_without_checkpoints(tmp_path: Path) -> None:
-    assert latest_checkpoint(Location(str(tmp_path)), JOB) == 0
+    assert latest_checkpoint(Location(str(tmp_path))) == 0
 
 
 def test_latest_checkpoint_is_the_highest_complete_epoch(tmp_path: Path) -> None:
     loc = Location(str(tmp_path))
     for epoch in (1, 2, 3):
         _checkpoint(loc, epoch)
-    assert latest_checkpoint(loc, JOB) == 3
+    assert latest_checkpoint(loc) == 3
 
 
 def test_latest_checkpoint_ignores_invalid_checkpoints(tmp_path: Path) -> None:
@@ -290,23 +295,23 @@ def test_latest_checkpoint_ignores_invalid_checkpoints(tmp_path: Path) -> None:
     _checkpoint(loc, 4, run_id="other-run")
     missing = _checkpoint(loc, 5)
     loc.remove(f"{missing}/params.safetensors")
-    assert latest_checkpoint(loc, JOB) == 2
+    assert latest_checkpoint(loc) == 2
     truncated = _checkpoint(loc, 5)
     loc.write_bytes(f"{truncated}/losses.safetensors", b"l")
-    assert latest_checkpoint(loc, JOB) == 2
+    assert latest_checkpoint(loc) == 2
     loc.write_bytes("checkpoints/epoch-0005/checkpoint.json", b"{corrupt")
-    assert latest_checkpoint(loc, JOB) == 2
+    assert latest_checkpoint(loc) == 2
     _checkpoint(loc, 6)  # beyond this job's epochs
-    assert latest_checkpoint(loc, JOB) == 2
+    assert latest_checkpoint(loc) == 2
     _checkpoint(loc, 5)
-    assert latest_checkpoint(loc, JOB) == 5
+    assert latest_checkpoint(loc) == 5
 
 
 def test_data_without_its_marker_is_not_a_checkpoint(tmp_path: Path) -> None:
     loc = Location(str(tmp_path))
     _checkpoint(loc, 1)
     loc.write_bytes("checkpoints/epoch-0002/params.safetensors", b"p" * 40)
-    assert latest_checkpoint(loc, JOB) == 1
+    assert latest_checkpoint(loc) == 1
 
 
 def test_latest_checkpoint_skips_a_record_without_epoch(tmp_path: Path) -> None:
@@ -316,4 +321,4 @@ def test_latest_checkpoint_skips_a_record_without_epoch(tmp_path: Path) -> None:
     record = loc.read_json(f"{folder}/checkpoint.json")
     del record["epoch"]
     loc.write_json(f"{folder}/checkpoint.json", record)
-    assert latest_checkpoint(loc, JOB) == 1
+    assert latest_checkpoint(loc) == 1

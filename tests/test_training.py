@@ -70,5 +70,5 @@ def test_settings_changes_are_not_resumed(tmp_path: Path) -> None:
     other = replace(job, lr=job.lr / 2, settings_hash="0" * 64)
     assert _starts(_train(cfg, other)) == {1}
     # The owner notices that the stored checkpoints no longer match the run's settings.
-    with pytest.raises(IntegrityError, match="other settings"):
+    with pytest.raises(IntegrityError, match="with these settings"):
         report.reconstruct(cfg)

@@ -17,11 +17,11 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from veiltrain import data, models, sharing
+from veiltrain import checkpoints, data, models, sharing
 from veiltrain.errors import ConfigError, IntegrityError, VeiltrainError
 from veiltrain.ffrecord import FileReader
 from veiltrain.owner import read_manifest
-from veiltrain.store import Location, check_objects, sha256_bytes
+from veiltrain.store import Location, check_objects
 
 
 @dataclass(frozen=True)
@@ -57,10 +57,13 @@ class PartyData:
 
     def __init__(self, loc: Location) -> None:
         self.info = loc.read_json("dataset/info.json")
-        self.count = int(self.info["count"])
-        self.record_words = int(self.info["record_words"])
-        self.sample_shape = tuple(int(d) for d in self.info["sample_shape"])
-        self.num_classes = int(self.info["num_classes"])
+        try:
+            self.count = int(self.info["count"])
+            self.record_words = int(self.info["record_words"])
+            self.sample_shape = tuple(int(d) for d in self.info["sample_shape"])
+            self.num_classes = int(self.info["num_classes"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise IntegrityError(f"{loc.url}/dataset/info.json: malformed ({exc!r})") from exc
         self._reader: FileReader | None = None
         self._seed: sharing.SeedShare | None = None
         if self.info["format"] == "ffrecord":
@@ -104,12 +107,14 @@ class Trainer:
                 f"{loc.url}: holds run {manifest['run_id']!r} party {manifest['party']}, "
                 f"but this is run {job.run_id!r} party {rank}; check the store URLs"
             )
-        # Sizes here; parameter files are hashed when loaded, data records carry CRCs.
-        check_objects(loc, manifest["objects"], deep=False)
-        self.manifest = manifest
+        # Everything but the record shards is small: hash it. Shards carry a CRC per record.
+        objects = manifest["objects"]
+        check_objects(loc, objects, deep=False)
+        check_objects(loc, {n: m for n, m in objects.items() if not n.endswith(".ffr")})
         self.data = PartyData(loc)
         self.spec = loc.read_json("model/spec.json")
         self.steps_per_epoch = math.ceil(self.data.count / job.batch_size)
+        self.ident = checkpoints.Identity(job.run_id, job.settings_hash)
 
     def build(self) -> Any:
         """The CrypTen graph for the named factory; its weights are replaced by shares later."""
@@ -161,49 +166,31 @@ class Trainer:
     def _checkpoint(self, cmodel: Any, epoch: int, losses: list[torch.Tensor]) -> None:
         from veiltrain import mpc
 
-        folder = f"checkpoints/epoch-{epoch:04d}"
         blobs = {
             "params.safetensors": save_safetensors(mpc.export_shares(cmodel)),
             "losses.safetensors": save_safetensors({"loss": torch.cat(losses)}),
         }
-        for name, blob in blobs.items():
-            self.loc.write_bytes(f"{folder}/{name}", blob)
-        record = {
+        fields = {
             "run_id": self.job.run_id,
             "party": self.rank,
-            "epoch": epoch,
             "step": epoch * self.steps_per_epoch,
             "settings_hash": self.job.settings_hash,
             "precision_bits": self.job.precision_bits,
-            "objects": {n: {"sha256": sha256_bytes(b), "size": len(b)} for n, b in blobs.items()},
         }
-        self.loc.write_json(f"{folder}/checkpoint.json", record)  # last: marks it complete
+        checkpoints.write(self.loc, epoch, blobs, fields)
         emit("checkpoint", epoch=epoch)
 
     def _agree_resume(self) -> int:
         """Newest epoch every party has a valid checkpoint for (epoch numbers are public)."""
-        mine = latest_checkpoint(self.loc, self.job)
+        mine = checkpoints.latest(self.loc, self.ident, self.job.epochs)
         agreed = torch.tensor([mine], dtype=torch.int64)
         torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN, group=_main_group())
         return int(agreed.item())
 
     def _initial_shares(self, epoch: int) -> dict[str, torch.Tensor]:
-        if epoch == 0:
-            name, listed = "model/params.safetensors", self.manifest["objects"]
-        else:
-            folder = f"checkpoints/epoch-{epoch:04d}"
-            name = f"{folder}/params.safetensors"
-            listed = {
-                name: self.loc.read_json(f"{folder}/checkpoint.json")["objects"][
-                    "params.safetensors"
-                ]
-            }
-        blob = self.loc.read_bytes(name)
-        if sha256_bytes(blob) != listed[name]["sha256"]:
-            raise IntegrityError(
-                f"{self.loc.url}/{name}: SHA-256 differs from its record; re-upload"
-            )
-        return load_safetensors(blob)
+        if epoch == 0:  # hashed against the manifest on start
+            return load_safetensors(self.loc.read_bytes("model/params.safetensors"))
+        return load_safetensors(checkpoints.read(self.loc, epoch, "params.safetensors", self.ident))
 
 
 def _main_group() -> Any:
@@ -216,30 +203,6 @@ def _loss(name: str) -> Any:
     import crypten.nn
 
     return crypten.nn.MSELoss() if name == "mse" else crypten.nn.CrossEntropyLoss()
-
-
-def latest_checkpoint(loc: Location, job: TrainJob) -> int:
-    """Highest epoch with a complete checkpoint of this run and settings, or 0."""
-    epochs = [
-        _usable_epoch(loc, n, job)
-        for n in loc.list("checkpoints")
-        if n.endswith("/checkpoint.json")
-    ]
-    return max((e for e in epochs if e is not None and e <= job.epochs), default=0)
-
-
-def _usable_epoch(loc: Location, name: str, job: TrainJob) -> int | None:
-    """The epoch of a complete checkpoint of this run and settings; None for anything else."""
-    folder = name.rsplit("/", 1)[0]
-    try:
-        record = loc.read_json(name)
-        ok = record["run_id"] == job.run_id and record["settings_hash"] == job.settings_hash
-        ok = ok and all(
-            loc.size(f"{folder}/{o}") == m["size"] for o, m in record["objects"].items()
-        )
-        return int(record["epoch"]) if ok else None
-    except (KeyError, TypeError, ValueError, VeiltrainError):
-        return None  # an unreadable, partial or foreign checkpoint is not a resume point
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:

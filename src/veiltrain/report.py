@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from veiltrain import data, models, sharing
+from veiltrain import checkpoints, data, models, sharing
 from veiltrain.config import RunConfig
 from veiltrain.errors import IntegrityError
 from veiltrain.owner import load_npz, owner_location, party_location
-from veiltrain.store import Location, sha256_bytes
+from veiltrain.store import Location
 
 
 @dataclass(frozen=True)
@@ -28,29 +28,16 @@ class Reconstruction:
     state: dict[str, torch.Tensor]
 
 
-def _read_checked(loc: Location, folder: str, name: str, record: dict[str, Any]) -> bytes:
-    blob = loc.read_bytes(f"{folder}/{name}")
-    expected = record["objects"].get(name, {}).get("sha256")
-    if sha256_bytes(blob) != expected:
-        raise IntegrityError(f"{loc.url}/{folder}/{name}: SHA-256 differs from checkpoint.json")
-    return blob
-
-
 def common_epoch(cfg: RunConfig) -> int:
     """Newest epoch for which every party has a complete checkpoint of this run."""
-    epochs = []
-    for party in range(cfg.parties):
-        loc = party_location(cfg, party)
-        done = {
-            int(n.split("/")[1].split("-")[1])
-            for n in loc.list("checkpoints")
-            if n.endswith("/checkpoint.json")
-        }
-        epochs.append(max(done, default=0))
-    epoch = min(epochs)
+    ident = checkpoints.Identity(cfg.run_id, cfg.training_hash())
+    epoch = min(
+        checkpoints.latest(party_location(cfg, p), ident, cfg.epochs) for p in range(cfg.parties)
+    )
     if epoch == 0:
         raise IntegrityError(
-            f"no party checkpoint found in {cfg.stores()} for run {cfg.run_id}; run the train stage"
+            f"no complete checkpoint of run {cfg.run_id} with these settings in every party store "
+            f"({', '.join(cfg.stores())}); run the train stage"
         )
     return epoch
 
@@ -58,40 +45,31 @@ def common_epoch(cfg: RunConfig) -> int:
 def reconstruct(cfg: RunConfig) -> Reconstruction:
     """Sum every party's loss and parameter shares (mod 2^64) and decode."""
     epoch = common_epoch(cfg)
-    loss_shares: list[np.ndarray[Any, Any]] = []
-    param_shares: list[dict[str, torch.Tensor]] = []
-    for party in range(cfg.parties):
-        losses, params = _party_shares(cfg, party, epoch)
-        loss_shares.append(losses)
-        param_shares.append(params)
-    losses = sharing.decode(sharing.reconstruct(loss_shares), cfg.precision_bits)
+    ident = checkpoints.Identity(cfg.run_id, cfg.training_hash())
+    parties = [_party_shares(party_location(cfg, p), ident, epoch) for p in range(cfg.parties)]
+    losses = _decode([p[0] for p in parties], cfg.precision_bits)
     state = {
-        name: torch.from_numpy(
-            sharing.decode(
-                sharing.reconstruct([p[name].numpy() for p in param_shares]), cfg.precision_bits
-            )
-        ).float()
-        for name in param_shares[0]
+        name: torch.from_numpy(_decode([p[1][name].numpy() for p in parties], cfg.precision_bits))
+        for name in parties[0][1]
     }
-    return Reconstruction(epoch, [float(v) for v in losses], state)
+    return Reconstruction(
+        epoch, [float(v) for v in losses], {k: v.float() for k, v in state.items()}
+    )
+
+
+def _decode(shares: list[np.ndarray[Any, Any]], precision_bits: int) -> np.ndarray[Any, Any]:
+    return sharing.decode(sharing.reconstruct(shares), precision_bits)
 
 
 def _party_shares(
-    cfg: RunConfig, party: int, last: int
+    loc: Location, ident: checkpoints.Identity, last: int
 ) -> tuple[np.ndarray[Any, Any], dict[str, torch.Tensor]]:
-    loc = party_location(cfg, party)
-    losses = []
-    params: dict[str, torch.Tensor] = {}
-    for epoch in range(1, last + 1):
-        folder = f"checkpoints/epoch-{epoch:04d}"
-        record = loc.read_json(f"{folder}/checkpoint.json")
-        if record.get("run_id") != cfg.run_id or record.get("settings_hash") != cfg.training_hash():
-            raise IntegrityError(f"{loc.url}/{folder}: belongs to another run or other settings")
-        losses.append(
-            load_safetensors(_read_checked(loc, folder, "losses.safetensors", record))["loss"]
-        )
-        if epoch == last:
-            params = load_safetensors(_read_checked(loc, folder, "params.safetensors", record))
+    """One party's loss shares of epochs 1..last and its parameter shares after `last`."""
+    losses = [
+        load_safetensors(checkpoints.read(loc, e, "losses.safetensors", ident))["loss"]
+        for e in range(1, last + 1)
+    ]
+    params = load_safetensors(checkpoints.read(loc, last, "params.safetensors", ident))
     return torch.cat(losses).numpy(), params
 
 
