@@ -8,9 +8,9 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
-from veiltrain.flows import stages
 
 from veiltrain.config import RunConfig, preflight
+from veiltrain.flows import stages
 
 
 def _timed(seconds: dict[str, float], name: str, fn: Callable[..., Any], *args: Any) -> Any:

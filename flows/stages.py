@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from prefect import flow
-from veiltrain.tasks import stages
 
 from veiltrain.config import RunConfig
+from veiltrain.tasks import stages
 
 
 @flow(name="encrypt-dataset", log_prints=True)
