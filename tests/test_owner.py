@@ -54,7 +54,7 @@ def _check_manifests(cfg: RunConfig, parties: list[Location]) -> None:
 def _check_reconstruction(cfg: RunConfig, parties: list[Location]) -> None:
     own = owner.owner_location(cfg)
     train = owner.load_npz(own, "private/train.npz")
-    shares = [PartyData(loc) for loc in parties]
+    shares = [PartyData(loc, owner.read_manifest(loc)["objects"]) for loc in parties]
     count = len(train["x"])
     assert all(s.count == count for s in shares)
     idx = np.random.default_rng(0).permutation(count)[:37]

@@ -57,6 +57,8 @@ def encrypt_dataset(cfg: RunConfig) -> dict[str, Any]:
     encoded = sharing.encode(records, cfg.precision_bits)
     share0, seed_shares = sharing.split(encoded, cfg.parties)
     info = _dataset_info(ds, records.shape[1])
+    for party in range(cfg.parties):
+        _clear(staging(cfg, party), "dataset")  # a rerun must not upload stale shards
     _write_shards(staging(cfg, 0).child("dataset"), share0)
     staging(cfg, 0).write_json("dataset/info.json", {**info, "format": "ffrecord"})
     for party, seed_share in enumerate(seed_shares, start=1):
@@ -65,6 +67,11 @@ def encrypt_dataset(cfg: RunConfig) -> dict[str, Any]:
         )
     private = _save_private(cfg, ds, scaler, x_train)
     return {**info, "order_seed": private["order_seed"]}
+
+
+def _clear(loc: Location, prefix: str) -> None:
+    for name in loc.list(prefix):
+        loc.remove(name)
 
 
 def _dataset_info(ds: data.Dataset, record_words: int) -> dict[str, Any]:
@@ -192,6 +199,7 @@ def _upload_party(cfg: RunConfig, party: int) -> dict[str, int]:
     src, dst = staging(cfg, party), party_location(cfg, party)
     previous = _previous_objects(dst)
     objects: dict[str, dict[str, Any]] = {}
+    uploaded: dict[str, dict[str, Any]] = {}
     counts = {"uploaded": 0, "skipped": 0, "bytes": 0}
     for name in src.list():
         digest, size = src.sha256(name), src.size(name)
@@ -203,9 +211,10 @@ def _upload_party(cfg: RunConfig, party: int) -> dict[str, int]:
             dst.remove(MANIFEST)  # never leave an old manifest describing objects being replaced
         with src.open_read(name) as stream:
             dst.put_stream(name, stream)
+        uploaded[name] = objects[name]
         counts["uploaded"] += 1
         counts["bytes"] += size
-    check_objects(dst, objects, deep=True)
+    check_objects(dst, uploaded, deep=True)  # skipped objects were just hashed in the store
     manifest = _manifest(cfg, party, objects)
     if counts["uploaded"] or previous.get("__manifest__") != sha256_bytes(_canonical(manifest)):
         dst.write_json(MANIFEST, manifest)

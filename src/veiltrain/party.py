@@ -9,6 +9,7 @@ import secrets
 import signal
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -55,7 +56,7 @@ class TrainJob:
 class PartyData:
     """Streams this party's share of one batch of records: full FFRecord or seed-expanded."""
 
-    def __init__(self, loc: Location) -> None:
+    def __init__(self, loc: Location, objects: Mapping[str, Any]) -> None:
         self.info = loc.read_json("dataset/info.json")
         try:
             self.count = int(self.info["count"])
@@ -67,7 +68,9 @@ class PartyData:
         self._reader: FileReader | None = None
         self._seed: sharing.SeedShare | None = None
         if self.info["format"] == "ffrecord":
-            shards = [loc.path(n) for n in loc.list("dataset") if n.endswith(".ffr")]
+            # The manifest, not a listing, names the shards: stray objects are never read.
+            names = sorted(n for n in objects if n.startswith("dataset/") and n.endswith(".ffr"))
+            shards = [loc.path(n) for n in names]
             self._reader = FileReader(shards, check_data=True, fs=loc.fs)
             if self._reader.n != self.count:
                 raise IntegrityError(
@@ -111,7 +114,7 @@ class Trainer:
         objects = manifest["objects"]
         check_objects(loc, objects, deep=False)
         check_objects(loc, {n: m for n, m in objects.items() if not n.endswith(".ffr")})
-        self.data = PartyData(loc)
+        self.data = PartyData(loc, objects)
         self.spec = loc.read_json("model/spec.json")
         self.steps_per_epoch = math.ceil(self.data.count / job.batch_size)
         self.ident = checkpoints.Identity(job.run_id, job.settings_hash)
