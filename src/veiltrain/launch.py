@@ -36,10 +36,12 @@ class _Proc:
     log: IO[str]
     log_path: Path
 
-    def tail(self, lines: int = 15) -> str:
+    def summary(self, lines: int = 15) -> str:
+        """The party's own one-line verdict if it printed one, else the end of its log."""
         self.log.flush()
         text = self.log_path.read_text(errors="replace").strip().splitlines()
-        return "\n".join(text[-lines:])
+        verdicts = [line for line in text if line.startswith("veiltrain ")]
+        return verdicts[-1] if verdicts else "\n".join(text[-lines:])
 
 
 def _command(rank: int, world: int, rendezvous: str, store: str, job: TrainJob) -> list[str]:
@@ -141,8 +143,8 @@ def _watch(
         if failed:
             first = min(failed, key=lambda p: p.log_path.stat().st_mtime)
             raise PartyError(
-                f"{first.name} failed (exit {first.popen.returncode}); its log "
-                f"{first.log_path} ends:\n{first.tail()}"
+                f"{first.name} failed (exit {first.popen.returncode}): {first.summary()} "
+                f"(full log: {first.log_path})"
             )
         if all(c == 0 for c in codes):
             time.sleep(0.05)  # let the readers hand over the last lines

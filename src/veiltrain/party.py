@@ -9,6 +9,7 @@ import secrets
 import signal
 import sys
 import time
+import traceback
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -219,8 +220,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of one party process; exit 0 on success, 2 on a reported error."""
+    """Entry point of one party process; exit 0 on success, 2 on a reported error, 3 otherwise."""
     args = _parse(argv)
+    who = "dealer" if args.rank == args.world_size else f"party {args.rank}"
     # Started from a background shell job, SIGINT arrives ignored; restore it so that Ctrl-C and
     # SIGTERM (which some supervisors turn into SIGINT) stop the party.
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -228,9 +230,13 @@ def main(argv: list[str] | None = None) -> int:
         job = TrainJob.from_json(args.job)
         run_party(args.rank, args.world_size, args.rendezvous, args.store, job)
     except VeiltrainError as exc:
-        who = "dealer" if args.rank == args.world_size else f"party {args.rank}"
         print(f"veiltrain {who}: {exc}", file=sys.stderr, flush=True)
         return 2
+    except Exception as exc:  # noqa: BLE001 - process boundary: keep the trace in the log only
+        traceback.print_exc()
+        message = f"veiltrain {who}: unexpected {type(exc).__name__}: {exc}"
+        print(message, file=sys.stderr, flush=True)
+        return 3
     return 0
 
 
