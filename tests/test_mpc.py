@@ -194,3 +194,33 @@ def test_a_missing_party_fails_the_others_with_party_error(tmp_path: Path) -> No
         assert f"every party 0..{world_size - 1} and the dealer" in message
         assert f"{MISSING_PARTY_TIMEOUT_S:.0f} s" in message
     assert not list(tmp_path.glob("out_*.npz"))
+
+
+def test_a_party_process_cannot_decrypt() -> None:
+    script = (
+        "from veiltrain import mpc\n"
+        "import torch, crypten\n"
+        "from veiltrain.errors import PartyError\n"
+        "crypten.init()\n"
+        "x = crypten.cryptensor(torch.ones(3))\n"
+        "assert x.get_plain_text().sum() == 3  # allowed before the guard\n"
+        "mpc.forbid_reveal()\n"
+        "for call in (x.get_plain_text, x.reveal):\n"
+        "    try:\n"
+        "        call()\n"
+        "    except PartyError as exc:\n"
+        "        print('refused:', exc)\n"
+        "    else:\n"
+        "        raise SystemExit('decrypted')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "RENDEZVOUS")}
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("refused: a compute party tried to decrypt") == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.abc
 import importlib.util
 import inspect
 import sys
@@ -96,6 +97,35 @@ def _global_pool_keeps_gradients(module: Any) -> None:
         return result.div(x.nelement() / float(x.size(0) * x.size(1)))
 
     module.GlobalAveragePool.forward = forward
+
+
+class _CryptenImportHook(importlib.abc.MetaPathFinder):
+    """Patches CrypTen the moment anything imports it, so `import veiltrain` is enough."""
+
+    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
+        if name != "crypten":
+            return None
+        sys.meta_path.remove(self)  # one-shot: let the normal finders locate CrypTen
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        _alias_onnx_registration()  # must exist before CrypTen's own import runs
+        run_module = spec.loader.exec_module
+
+        def exec_module(module: Any) -> None:
+            run_module(module)
+            apply()
+
+        spec.loader.exec_module = exec_module  # type: ignore[method-assign]
+        return spec
+
+
+def install() -> None:
+    """Patch CrypTen now if it is loaded, else when it is first imported (cheap: no imports)."""
+    if "crypten" in sys.modules:
+        apply()
+    elif not any(isinstance(f, _CryptenImportHook) for f in sys.meta_path):
+        sys.meta_path.insert(0, _CryptenImportHook())
 
 
 def apply() -> None:

@@ -132,6 +132,20 @@ def session(spec: PartySpec) -> Iterator[None]:
         ) from exc
 
 
+def forbid_reveal() -> None:
+    """Make decryption impossible in this process: a compute party must never see a value.
+
+    CrypTen's protocols open only masked values, below the MPCTensor API; what is disabled here
+    is the API that turns a secret into plaintext (get_plain_text, reveal).
+    """
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise PartyError("a compute party tried to decrypt a value; only the owner may do that")
+
+    for name in ("get_plain_text", "reveal"):
+        setattr(MPCTensor, name, refuse)
+
+
 def to_crypten(model: torch.nn.Module, dummy_input: torch.Tensor) -> Any:
     """Convert a PyTorch module to a CrypTen graph whose parameter nodes are its state_dict keys."""
     with warnings.catch_warnings():

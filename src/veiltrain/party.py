@@ -252,6 +252,7 @@ def run_party(rank: int, world_size: int, rendezvous: str, store: str, job: Trai
         with mpc.session(spec):
             emit("dealer-done")
         return
+    mpc.forbid_reveal()
     trainer = Trainer(Location(store, role=f"party-{rank}"), job, rank, world_size)
     cmodel = trainer.build()
     started = time.monotonic()
