@@ -10,8 +10,30 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pydantic_core import PydanticUndefined
+
 from veiltrain.config import RunConfig, load_config, preflight
 from veiltrain.errors import VeiltrainError
+
+_NUMBERS: dict[str, type] = {
+    "epochs": int,
+    "batch_size": int,
+    "lr": float,
+    "parties": int,
+    "precision_bits": int,
+    "seed": int,
+    "max_samples": int,
+    "test_fraction": float,
+    "timeout_s": float,
+}
+_TEXT = ("dataset", "model", "loss", "device", "store", "owner_store", "out", "run_id")
+
+
+def _help(field: str) -> str:
+    """Help text from the RunConfig field (its description and default): one source of truth."""
+    info = RunConfig.model_fields[field]
+    default = "" if info.default in (None, "", PydanticUndefined) else f" (default {info.default})"
+    return f"{info.description or ''}{default}".strip()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -20,29 +42,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the whole pipeline inline (local parties, local store)")
-    run.add_argument("--dataset", help="digits | PATH.npz | IMAGE_DIR")
-    run.add_argument("--model", help="small-cnn | resnet18 | package.module:factory")
-    run.add_argument("--model-kwargs", type=_json_object, help="JSON object of factory arguments")
-    for flag, kind in [
-        ("--epochs", int),
-        ("--batch-size", int),
-        ("--lr", float),
-        ("--parties", int),
-        ("--precision-bits", int),
-        ("--seed", int),
-        ("--max-samples", int),
-        ("--test-fraction", float),
-        ("--timeout-s", float),
-    ]:
-        run.add_argument(flag, type=kind)
-    run.add_argument("--loss", help="cross-entropy | mse")
-    run.add_argument("--device", help="cpu | cuda")
-    run.add_argument("--no-standardize", dest="standardize", action="store_false", default=None)
-    run.add_argument("--store", help="store URL; party i uses STORE/party-<i>")
-    run.add_argument("--party-store", dest="party_stores", action="append", help="one per party")
-    run.add_argument("--owner-store", help="owner-only URL for private state")
-    run.add_argument("--out", help="output folder (default runs/<run id>)")
-    run.add_argument("--run-id")
+    for field in _TEXT:
+        run.add_argument("--" + field.replace("_", "-"), help=_help(field))
+    for field, kind in _NUMBERS.items():
+        run.add_argument("--" + field.replace("_", "-"), type=kind, help=_help(field))
+    run.add_argument("--model-kwargs", type=_json_object, help=_help("model_kwargs"))
+    run.add_argument(
+        "--no-standardize",
+        dest="standardize",
+        action="store_false",
+        default=None,
+        help="use features as they are (default: standardise with owner-only statistics)",
+    )
+    run.add_argument(
+        "--party-store", dest="party_stores", action="append", help=_help("party_stores")
+    )
     return p
 
 

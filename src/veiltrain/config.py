@@ -36,20 +36,27 @@ class RunConfig(BaseModel):
     model_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="keyword arguments for the model factory"
     )
-    epochs: int = Field(3, ge=1, le=1000)
-    batch_size: int = Field(64, ge=2, le=65536)
-    lr: float = Field(0.2, gt=0, le=100)
-    loss: Literal["cross-entropy", "mse"] = "cross-entropy"
+    epochs: int = Field(3, ge=1, le=1000, description="passes over the training set")
+    batch_size: int = Field(64, ge=2, le=65536, description="samples per SGD step")
+    lr: float = Field(0.2, gt=0, le=100, description="SGD learning rate")
+    loss: Literal["cross-entropy", "mse"] = Field(
+        "cross-entropy", description="cross-entropy | mse"
+    )
     parties: int = Field(2, description="compute parties (non-colluding); at least 2")
     precision_bits: int = Field(
         16, ge=8, le=24, description="fractional bits of the fixed-point encoding"
     )
     seed: int = Field(
-        0, ge=0, description="model initialisation and batch order (not masks: those are random)"
+        0,
+        ge=0,
+        description=(
+            "initial weights and the owner's shuffle and test split "
+            "(never masks; parties never see it)"
+        ),
     )
-    device: Literal["cpu", "cuda"] = "cpu"
+    device: Literal["cpu", "cuda"] = Field("cpu", description="the parties' device: cpu | cuda")
     standardize: bool = Field(True, description="standardise features with owner-only statistics")
-    test_fraction: float = Field(0.2, gt=0, lt=1)
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="held-out share kept by the owner")
     max_samples: int | None = Field(
         None, ge=10, description="use only the first N samples (quick runs)"
     )
@@ -60,7 +67,7 @@ class RunConfig(BaseModel):
     timeout_s: float = Field(
         300.0, gt=0, le=86400, description="longest wait for any party or network"
     )
-    run_id: str = ""
+    run_id: str = Field("", description="fixed run id (default: time and random suffix)")
 
     @field_validator("parties")
     @classmethod
