@@ -167,7 +167,7 @@ def test_user_factory_on_raw_tabular_npz(
         max_samples=None,
         test_fraction=0.3,
     )
-    assert report["test_accuracy"] >= 0.85
+    assert report["test_accuracy"] >= 0.9  # the goal for a user's own model and data
     assert abs(report["test_accuracy"] - report["plaintext_test_accuracy"]) <= 0.02
     assert report["max_loss_gap"] < 0.05
 
