@@ -224,3 +224,18 @@ def test_a_party_process_cannot_decrypt() -> None:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("refused: a compute party tried to decrypt") == 2
+
+
+def test_triples_from_party_zero_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    import crypten
+
+    # Whatever reconfigures CrypTen after veiltrain did, the session checks before joining.
+    monkeypatch.setattr(mpc, "_configure", lambda spec: None)
+    saved = crypten.cfg.mpc.provider
+    crypten.cfg.mpc.provider = "TFP"
+    try:
+        spec = mpc.PartySpec(rank=0, world_size=2, rendezvous="tcp://127.0.0.1:9", timeout_s=1)
+        with pytest.raises(InsecureSetupError, match="dealer"), mpc.session(spec):
+            pass
+    finally:
+        crypten.cfg.mpc.provider = saved

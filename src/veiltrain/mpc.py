@@ -107,6 +107,7 @@ def session(spec: PartySpec) -> Iterator[None]:
     """Join the rendezvous as one party (or the dealer) and leave cleanly, with timeouts."""
     spec.validate()
     _configure(spec)
+    _require_dealer()
     who = "the dealer" if spec.is_dealer else f"party {spec.rank}"
     try:
         with _patched_dist(spec.timeout_s):
@@ -144,6 +145,15 @@ def forbid_reveal() -> None:
 
     for name in ("get_plain_text", "reveal"):
         setattr(MPCTensor, name, refuse)
+
+
+def _require_dealer() -> None:
+    """Refuse to compute if triples would come from party 0 (CrypTen's default TFP provider)."""
+    if not crypten.mpc.ttp_required():
+        raise InsecureSetupError(
+            f"CrypTen's triple provider is {crypten.cfg.mpc.provider!r}: party 0 would make the "
+            "Beaver triples and could read every product; veiltrain requires the owner-side dealer"
+        )
 
 
 def to_crypten(model: torch.nn.Module, dummy_input: torch.Tensor) -> Any:
