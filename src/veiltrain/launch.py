@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from veiltrain.config import RunConfig
 from veiltrain.errors import PartyError
 from veiltrain.party import TrainJob
 
@@ -171,7 +172,7 @@ def _stop(procs: list[_Proc]) -> None:
         p.log.close()
 
 
-def train_job(cfg: Any, order_seed: int) -> TrainJob:
+def train_job(cfg: RunConfig, order_seed: int) -> TrainJob:
     """The public part of a run's settings that the parties receive."""
     return TrainJob(
         run_id=cfg.run_id,

@@ -103,8 +103,8 @@ def emit(event: str, **fields: Any) -> None:
 class Trainer:
     """One party's training loop over its shares."""
 
-    def __init__(self, loc: Location, job: TrainJob, rank: int, world_size: int) -> None:
-        self.loc, self.job, self.rank, self.world_size = loc, job, rank, world_size
+    def __init__(self, loc: Location, job: TrainJob, rank: int) -> None:
+        self.loc, self.job, self.rank = loc, job, rank
         manifest = read_manifest(loc)
         if manifest["run_id"] != job.run_id or manifest["party"] != rank:
             raise IntegrityError(
@@ -113,8 +113,9 @@ class Trainer:
             )
         # Everything but the record shards is small: hash it. Shards carry a CRC per record.
         objects = manifest["objects"]
-        check_objects(loc, objects, deep=False)
-        check_objects(loc, {n: m for n, m in objects.items() if not n.endswith(".ffr")})
+        shards = {n: m for n, m in objects.items() if n.endswith(".ffr")}
+        check_objects(loc, shards, deep=False)
+        check_objects(loc, {n: m for n, m in objects.items() if n not in shards})
         self.data = PartyData(loc, objects)
         self.spec = loc.read_json("model/spec.json")
         self.steps_per_epoch = math.ceil(self.data.count / job.batch_size)
@@ -253,7 +254,7 @@ def run_party(rank: int, world_size: int, rendezvous: str, store: str, job: Trai
             emit("dealer-done")
         return
     mpc.forbid_reveal()
-    trainer = Trainer(Location(store, role=f"party-{rank}"), job, rank, world_size)
+    trainer = Trainer(Location(store, role=f"party-{rank}"), job, rank)
     cmodel = trainer.build()
     started = time.monotonic()
     with mpc.session(spec):
