@@ -1,17 +1,23 @@
 """One compute party (or the TTP dealer) for tests/test_mpc.py, run as a fresh process.
 
-    python tests/mpc_worker.py RANK WORLD_SIZE RENDEZVOUS TIMEOUT_S FOLDER
+    python tests/mpc_worker.py RANK WORLD_SIZE RENDEZVOUS TIMEOUT_S FOLDER [MODE]
 
-A party reads only its own shares (FOLDER/in_<rank>.npz: int64 arrays `a` and `b`), computes
-a * b and a @ b.T on MPCTensors built from those shares and writes its int64 output shares to
-FOLDER/out_<rank>.npz. It never decrypts: get_plain_text and reveal are made to raise. The dealer
-(RANK == WORLD_SIZE) only serves Beaver triples. A veiltrain error is printed as
+MODE "products" (default): a party reads only its own shares (FOLDER/in_<rank>.npz: int64 arrays
+`a` and `b`), computes a * b and a @ b.T on MPCTensors built from those shares and writes its
+int64 output shares to FOLDER/out_<rank>.npz. MODE "randomness": a party writes the protocol keys
+it holds and shares of triples, B2A bits and zero sharings drawn from them (what an attacker
+holding this party's process would see). MODE "guard": a party applies one SGD step with the
+gradient shares `a` to zero parameters and writes its parameter shares. MODE "stall": a party
+joins and then sends nothing for TIMEOUT_S + 5 s, so that the dealer's wait times out. No party
+ever decrypts: get_plain_text and reveal are made to raise. The dealer (RANK == WORLD_SIZE) only
+serves Beaver triples. A veiltrain error is printed as
 "<ErrorType>: <message>" on stderr with exit status 3.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -48,13 +54,86 @@ def compute(rank: int, folder: Path, precision_bits: int) -> None:
     np.savez(folder / f"out_{rank}.npz", **out)
 
 
+KEYS: dict[int, bytes] = {}
+"""The key of every protocol stream this process built, by stream id (the test's own hook)."""
+
+
+def _record_keys() -> None:
+    from veiltrain import protocol
+
+    original = protocol.KeyStream.__init__
+
+    def init(self: Any, key: bytes) -> None:
+        KEYS[id(self)] = bytes(key)
+        original(self, key)
+
+    protocol.KeyStream.__init__ = init  # type: ignore[method-assign]
+
+
+KEY_ORDER = ("ttp", "prev", "next", "local", "global")
+
+
+def randomness(rank: int, folder: Path) -> None:
+    """Dump this party's protocol keys and its shares of freshly dealt correlated randomness."""
+    import crypten
+    from crypten.mpc.primitives import ArithmeticSharedTensor
+    from crypten.mpc.provider.ttp_provider import TTPClient
+
+    provider = crypten.mpc.get_default_provider()
+    a, b, c = provider.generate_additive_triple((4096,), (4096,), "mul")
+    ba, bb, bc = provider.generate_binary_triple((4096,), (4096,))
+    r_a, r_b = provider.B2A_rng((4096,))
+    zero = ArithmeticSharedTensor.PRZS((4096,))
+    streams = crypten.generators
+    cpu = torch.device("cpu")
+    named = [TTPClient.get().generator] + [streams[k][cpu] for k in KEY_ORDER[1:]]
+    assert all(type(g).__name__ == "KeyStream" for g in named), named
+    np.savez(
+        folder / f"out_{rank}.npz",
+        keys=np.frombuffer(b"".join(KEYS[id(g)] for g in named), dtype=np.uint8).reshape(-1, 32),
+        a=a.share.numpy(),
+        b=b.share.numpy(),
+        c=c.share.numpy(),
+        ba=ba.share.numpy(),
+        bb=bb.share.numpy(),
+        bc=bc.share.numpy(),
+        r_arith=r_a.share.numpy(),
+        r_bin=r_b.share.numpy(),
+        zero=zero.share.numpy(),
+    )
+
+
+class _Params:
+    def __init__(self, params: list[Any]) -> None:
+        self._params = params
+
+    def parameters(self) -> list[Any]:
+        return self._params
+
+
+def guard(rank: int, folder: Path, precision_bits: int) -> None:
+    """One SGD step (lr 1) from zero parameters with the gradient shares in `a`."""
+    from veiltrain import mpc
+
+    with np.load(folder / f"in_{rank}.npz", allow_pickle=False) as data:
+        grad = mpc.from_shares(torch.from_numpy(data["a"]), precision_bits)
+    param = mpc.from_shares(torch.zeros_like(grad.share), precision_bits)
+    param.grad = grad
+    mpc.sgd_step(_Params([param]), lr=1.0, grad_threshold=100.0)
+    np.savez(folder / f"out_{rank}.npz", param=mpc.share_of(param).numpy())
+
+
 def main(argv: list[str]) -> int:
     rank, world_size = int(argv[0]), int(argv[1])
     rendezvous, timeout_s, folder = argv[2], float(argv[3]), Path(argv[4])
+    mode = argv[5] if len(argv) > 5 else "products"
     torch.set_num_threads(1)
 
     from veiltrain import mpc  # applies the CrypTen compatibility patches first
     from veiltrain.errors import VeiltrainError
+
+    if mode == "randomness":
+        _record_keys()
 
     MPCTensor = mpc.MPCTensor
 
@@ -65,12 +144,25 @@ def main(argv: list[str]) -> int:
     try:
         with mpc.session(spec):
             if not spec.is_dealer:
-                compute(rank, folder, spec.precision_bits)
+                _party_work(mode, rank, folder, spec.precision_bits, timeout_s)
     except VeiltrainError as exc:
         print(f"{type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         return EXIT_VEILTRAIN_ERROR
     print("dealer-done" if spec.is_dealer else f"party-{rank}-done", flush=True)
     return 0
+
+
+def _party_work(mode: str, rank: int, folder: Path, precision_bits: int, timeout_s: float) -> None:
+    if mode == "products":
+        compute(rank, folder, precision_bits)
+    elif mode == "randomness":
+        randomness(rank, folder)
+    elif mode == "guard":
+        guard(rank, folder, precision_bits)
+    elif mode == "stall":
+        time.sleep(timeout_s + 5)
+    else:
+        raise SystemExit(f"unknown mode {mode}")
 
 
 if __name__ == "__main__":

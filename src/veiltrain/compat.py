@@ -140,4 +140,9 @@ def apply() -> None:
     _add_identity(converter, module)
     _batchnorm_single_output(module)
     _global_pool_keeps_gradients(module)
+    # Not a compatibility fix but a security one, applied on the same path so that no CrypTen
+    # imported after veiltrain ever draws protocol randomness from a torch generator.
+    from veiltrain import protocol
+
+    protocol.install()
     _APPLIED = True

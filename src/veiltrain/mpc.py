@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import os
-import secrets
+import sys
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -112,9 +112,7 @@ def session(spec: PartySpec) -> Iterator[None]:
     try:
         with _patched_dist(spec.timeout_s):
             if spec.is_dealer:
-                # The dealer seeds each party's triple generator from torch's global generator:
-                # reseed it from the OS so that no earlier manual_seed makes those predictable.
-                torch.manual_seed(secrets.randbits(64))
+                # Serves until party 0 says 'terminate'; keys and triples: veiltrain.protocol.
                 crypten.mpc.provider.TTPServer()
                 yield
                 return
@@ -133,18 +131,57 @@ def session(spec: PartySpec) -> Iterator[None]:
         ) from exc
 
 
+_OPENING_MODULES = frozenset(
+    {
+        "crypten.mpc.primitives.beaver",
+        "crypten.mpc.primitives.arithmetic",
+        "crypten.mpc.primitives.binary",
+    }
+)
+"""Where CrypTen opens masked values (x - a, y - b in Beaver products, x ^ r in B2A...)."""
+
+
+def _refuse(what: str) -> Any:
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise PartyError(f"a compute party called {what}: only the owner may decrypt a value")
+
+    return refuse
+
+
+def _masked_only(what: str, fn: Any, callers: frozenset[str]) -> Any:
+    """Let CrypTen's protocol modules open masked values; refuse every other caller."""
+
+    @functools.wraps(fn)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        if caller not in callers:
+            raise PartyError(f"{caller or 'code'} called {what} in a compute party; refused")
+        return fn(*args, **kwargs)
+
+    guarded._veiltrain_guarded = True  # type: ignore[attr-defined]
+    return guarded
+
+
 def forbid_reveal() -> None:
     """Make decryption impossible in this process: a compute party must never see a value.
 
-    CrypTen's protocols open only masked values, below the MPCTensor API; what is disabled here
-    is the API that turns a secret into plaintext (get_plain_text, reveal).
+    `get_plain_text` raises on every tensor type. `reveal` and `reveal_batch` of the primitive
+    types stay callable only from CrypTen's protocol modules, which open masked values (Beaver's
+    x - a, y - b); called from anywhere else (veiltrain, a model, a user) they raise.
     """
+    from crypten.mpc.primitives import ArithmeticSharedTensor, BinarySharedTensor
 
-    def refuse(*args: Any, **kwargs: Any) -> Any:
-        raise PartyError("a compute party tried to decrypt a value; only the owner may do that")
-
-    for name in ("get_plain_text", "reveal"):
-        setattr(MPCTensor, name, refuse)
+    for cls in (MPCTensor, ArithmeticSharedTensor, BinarySharedTensor):
+        cls.get_plain_text = _refuse(f"{cls.__name__}.get_plain_text")
+    MPCTensor.reveal = _refuse("MPCTensor.reveal")
+    beaver = frozenset({"crypten.mpc.primitives.beaver"})
+    for cls in (ArithmeticSharedTensor, BinarySharedTensor):
+        if getattr(cls.reveal, "_veiltrain_guarded", False):
+            continue  # already guarded in this process
+        # reveal_batch calls reveal from the primitive's own module, after its own check.
+        cls.reveal = _masked_only(f"{cls.__name__}.reveal", cls.reveal, _OPENING_MODULES)
+        batch = cls.__dict__["reveal_batch"].__func__
+        cls.reveal_batch = staticmethod(_masked_only(f"{cls.__name__}.reveal_batch", batch, beaver))
 
 
 def _require_dealer() -> None:
@@ -240,8 +277,12 @@ def sgd_step(cmodel: Any, lr: float, grad_threshold: float = 100.0) -> None:
     with crypten.no_grad(), torch.no_grad():
         flat = crypten.cat([p.grad.flatten() for p in params])
         # A rare wrap-around in share arithmetic yields a huge value; dropping it keeps training
-        # stable (CrypTen issue #347). Squares avoid the costlier abs.
-        flat = flat.mul(flat.square().lt(grad_threshold * grad_threshold))
+        # stable (CrypTen issue #347). Both bounds in one batched comparison: inside, both bits
+        # are 1; beyond either bound exactly one is, so their sum minus 1 is the keep-mask with no
+        # extra multiplication round. (A square test passes values whose square wraps to small.)
+        bounds = crypten.cat([flat.neg(), flat]).lt(grad_threshold)
+        keep = bounds[: flat.numel()] + bounds[flat.numel() :] - 1
+        flat = flat.mul(keep)
         start = 0
         for p in params:
             size = p.grad.numel()

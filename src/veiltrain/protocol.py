@@ -1,0 +1,366 @@
+"""CrypTen's protocol randomness on AES-256-CTR keystreams and its dealer channel on JSON.
+
+Stock CrypTen 0.4.1 draws every Beaver triple, PRZS mask, B2A bit, wrap count and random share
+from `torch.Generator`s, and torch's CPU generator keeps only 32 bits of `manual_seed`: a party
+that sees its own triple seed can search 2^32 dealer states and recover another party's triples,
+hence the inputs of every product. Here every such draw comes from a `KeyStream` keyed with 256
+bits from `secrets`; keys travel between processes as key bytes. Messages to the dealer (and
+CrypTen's other object messages) are JSON instead of pickles.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from veiltrain.errors import PartyError
+
+KEY_BYTES = 32
+"""AES-256 keys: 256 bits from the OS CSPRNG."""
+_KEY_WORDS = KEY_BYTES // 8
+_RING = 2**64
+_CHUNK = 1 << 20
+_ZEROS = memoryview(bytes(_CHUNK))
+_SLACK = 15  # cryptography's update_into wants block_size - 1 spare bytes
+MAX_MESSAGE_BYTES = 1 << 20
+"""Dealer requests and size messages are a few hundred bytes; refuse anything near this."""
+
+TTP_FUNCTIONS = frozenset({"additive", "square", "binary", "wraps", "B2A"})
+"""What the dealer serves: CrypTen's TTP functions, nothing else by name."""
+TTP_OPS = frozenset({"mul", "matmul", "conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d"})
+"""The torch products an additive-triple request may name."""
+
+
+class KeyStream:
+    """An AES-256-CTR keystream (128-bit counter from 0): CrypTen's generator, made secure.
+
+    Objects of this class replace every `torch.Generator` CrypTen's protocols draw from. One
+    stream serves every device: values are drawn on the CPU and moved, so two holders of the
+    same key stay in lockstep whatever device each computes on.
+    """
+
+    device = torch.device("cpu")
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) != KEY_BYTES:
+            raise ValueError(f"a protocol key has {KEY_BYTES} bytes, got {len(key)}")
+        self._encryptor = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
+
+    @classmethod
+    def fresh(cls) -> KeyStream:
+        """A stream under a new key that nobody else holds."""
+        return cls(secrets.token_bytes(KEY_BYTES))
+
+    def words(self, count: int) -> torch.Tensor:
+        """The next `count` uniformly random int64 words (little-endian keystream)."""
+        total = count * 8
+        out = bytearray(total + _SLACK)
+        view = memoryview(out)
+        for start in range(0, total, _CHUNK):
+            size = min(_CHUNK, total - start)
+            self._encryptor.update_into(_ZEROS[:size], view[start : start + size + _SLACK])
+        words = np.frombuffer(out, dtype="<i8", count=count).astype(np.int64, copy=False)
+        return torch.from_numpy(words)
+
+
+_local: KeyStream | None = None
+
+
+def local_stream() -> KeyStream:
+    """This process's private stream, for draws CrypTen makes without naming a generator."""
+    global _local  # noqa: PLW0603 - one private stream per process, like CrypTen's "local"
+    if _local is None:
+        _local = KeyStream.fresh()
+    return _local
+
+
+def _stream(generator: Any) -> KeyStream:
+    if generator is None:
+        return local_stream()
+    if isinstance(generator, KeyStream):
+        return generator
+    raise TypeError(
+        f"protocol randomness from {type(generator).__name__}: veiltrain gives CrypTen only "
+        "keyed CSPRNG streams (a torch.Generator keeps 32 bits of its seed)"
+    )
+
+
+def _shape(size: Any) -> tuple[int, ...]:
+    if isinstance(size, int):
+        return (size,)
+    return tuple(int(d) for d in size)
+
+
+def _place(values: torch.Tensor, device: Any) -> Any:
+    if device is None or torch.device(device).type == "cpu":
+        return values
+    from crypten.cuda import CUDALongTensor
+
+    return CUDALongTensor(values.to(device))
+
+
+def random_ring_element(
+    size: Any, ring_size: int = _RING, generator: Any = None, **kwargs: Any
+) -> Any:
+    """Uniform elements of Z/2^64 as int64: CrypTen's `generate_random_ring_element`."""
+    if ring_size != _RING:
+        raise ValueError(f"only the ring Z/2^64 is supported, got ring size {ring_size}")
+    shape = _shape(size)
+    values = _stream(generator).words(math.prod(shape)).reshape(shape)
+    return _place(values, kwargs.get("device"))
+
+
+def kbit_random_tensor(
+    size: Any, bitlength: int | None = None, generator: Any = None, **kwargs: Any
+) -> Any:
+    """Uniform k-bit values (the low k bits of keystream words): `generate_kbit_random_tensor`."""
+    bits = 64 if bitlength is None else int(bitlength)
+    if not 1 <= bits <= 64:
+        raise ValueError(f"bit length {bits} is outside 1..64")
+    shape = _shape(size)
+    values = _stream(generator).words(math.prod(shape)).reshape(shape)
+    if bits < 64:
+        values &= (1 << bits) - 1  # 2^k divides 2^64: the low bits stay uniform
+    return _place(values, kwargs.get("device"))
+
+
+def uniform_floats(*size: Any, generator: Any = None, device: Any = None, **_: Any) -> torch.Tensor:
+    """Floats uniform on [0, 1) from 53 keystream bits each (CrypTen's dropout masks)."""
+    shape = _shape(size[0] if len(size) == 1 and not isinstance(size[0], int) else size)
+    words = _stream(generator).words(math.prod(shape))
+    values = ((words >> 11) & ((1 << 53) - 1)).double() * 2.0**-53
+    return values.float().reshape(shape).to(device or "cpu")
+
+
+# ----------------------------------------------------------------------------- key exchange
+
+
+def key_tensor(key: bytes) -> torch.Tensor:
+    """A key as four int64 words, the form gloo sends."""
+    return torch.frombuffer(bytearray(key), dtype=torch.int64).clone()
+
+
+def key_bytes(words: torch.Tensor) -> bytes:
+    """The key carried by four int64 words."""
+    return bytes(words.to(torch.int64).contiguous().numpy().tobytes())
+
+
+def _empty_key() -> torch.Tensor:
+    return torch.zeros(_KEY_WORDS, dtype=torch.int64)
+
+
+def _ring_keys(comm: Any) -> tuple[bytes, bytes]:
+    """Send a fresh key to the next party, receive the previous party's: (prev, next)."""
+    mine = secrets.token_bytes(KEY_BYTES)
+    world, rank = comm.get_world_size(), comm.get_rank()
+    if world < 2:
+        return mine, mine
+    received, outgoing = _empty_key(), key_tensor(mine)
+    sending = comm.isend(outgoing, (rank + 1) % world)
+    receiving = comm.irecv(received, src=(rank - 1) % world)
+    sending.wait()
+    receiving.wait()
+    return key_bytes(received), mine
+
+
+def setup_prng() -> None:
+    """Replacement for `crypten._setup_prng`: prev/next/local/global streams under 256-bit keys."""
+    import crypten
+    import crypten.communicator as comm
+
+    prev_key, next_key = _ring_keys(comm.get())
+    # Party 0's key for randomness every party shares (public among parties, e.g. dropout).
+    global_key = key_bytes(comm.get().broadcast(key_tensor(secrets.token_bytes(KEY_BYTES)), 0))
+    streams = {
+        "prev": KeyStream(prev_key),
+        "next": KeyStream(next_key),
+        "local": local_stream(),
+        "global": KeyStream(global_key),
+    }
+    for name, stream in streams.items():
+        crypten.generators[name].clear()
+        for device in _devices():
+            crypten.generators[name][device] = stream
+
+
+def _devices() -> list[torch.device]:
+    found = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        found.append(torch.device("cuda"))
+        found += [torch.device(f"cuda:{i}") for i in range(torch.cuda.device_count())]
+    return found
+
+
+# ------------------------------------------------------------------------------- the dealer
+
+
+def _client_setup_generators(client: Any) -> None:
+    """A party receives its 256-bit triple key from the dealer (stock: a 32-bit torch seed)."""
+    import crypten.communicator as comm
+
+    received = _empty_key()
+    dist.recv(tensor=received, src=comm.get().get_ttp_rank(), group=client.ttp_group)
+    dist.barrier(group=client.ttp_group)
+    client.generator = KeyStream(key_bytes(received))
+    client.generator_cuda = client.generator
+
+
+def _server_setup_generators(server: Any) -> None:
+    """The dealer draws one 256-bit key per party and sends each only to its party."""
+    import crypten.communicator as comm
+
+    keys = [secrets.token_bytes(KEY_BYTES) for _ in range(comm.get().get_world_size())]
+    for party, key in enumerate(keys):
+        dist.send(tensor=key_tensor(key), dst=party, group=server.ttp_group)
+    server.generators = [KeyStream(k) for k in keys]
+    server.generators_cuda = server.generators
+    dist.barrier(group=server.ttp_group)
+
+
+def checked_request(message: Any) -> tuple[str, list[Any], dict[str, Any]]:
+    """Validate a dealer request: a known function, list args, dict kwargs, a known product."""
+    if not isinstance(message, dict) or message.get("function") not in TTP_FUNCTIONS:
+        raise PartyError(f"the dealer: unexpected request {str(message)[:200]!r} from party 0")
+    args, kwargs = message.get("args"), message.get("kwargs")
+    if not isinstance(args, list) or not isinstance(kwargs, dict):
+        raise PartyError(f"the dealer: malformed request {str(message)[:200]!r} from party 0")
+    if message["function"] == "additive" and (len(args) < 3 or args[2] not in TTP_OPS):
+        raise PartyError(f"the dealer: unsupported product in {str(message)[:200]!r}")
+    return str(message["function"]), args, kwargs
+
+
+def _serve(server: Any) -> None:
+    """Replacement for `TTPServer.__init__`: serve party 0 until it says 'terminate'.
+
+    Stock CrypTen logs a RuntimeError (a timeout, a vanished party) and returns, so a failed
+    dealer exited 0 and the stage blamed a party; here the error propagates and names the dealer.
+    """
+    import crypten
+    import crypten.communicator as comm
+
+    crypten.init()
+    server.ttp_group = comm.get().ttp_group
+    server.comm_group = comm.get().ttp_comm_group
+    server.device = "cpu"  # the dealer computes on its CPU; parties move values to their device
+    _server_setup_generators(server)
+    rank = comm.get().get_ttp_rank()
+    while True:
+        message = comm.get().recv_obj(0, server.ttp_group)
+        if message == "terminate":
+            return
+        function, args, kwargs = checked_request(message)
+        result = getattr(server, function)(*args, **kwargs)
+        comm.get().send_obj(list(result.size()), 0, server.ttp_group)
+        comm.get().broadcast(result, rank, server.comm_group)
+
+
+# --------------------------------------------------------------------- messages without pickle
+
+
+def _encode(obj: Any) -> torch.Tensor:
+    raw = json.dumps(obj, separators=(",", ":")).encode()
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).clone()
+
+
+def _decode(data: torch.Tensor) -> Any:
+    return json.loads(data.numpy().tobytes())
+
+
+def _checked_length(size: torch.Tensor) -> int:
+    length = int(size.item())
+    if not 0 < length <= MAX_MESSAGE_BYTES:
+        raise PartyError(f"a message of {length} bytes arrived; at most {MAX_MESSAGE_BYTES}")
+    return length
+
+
+def send_obj(self: Any, obj: Any, dst: int, group: Any = None) -> None:
+    """CrypTen's send_obj, as JSON (stock: pickle)."""
+    group = self.main_group if group is None else group
+    data = _encode(obj)
+    size = torch.tensor(data.numel(), dtype=torch.int64)
+    dist.send(size, dst=dst, group=group)
+    dist.send(data, dst=dst, group=group)
+
+
+def recv_obj(self: Any, src: int, group: Any = None) -> Any:
+    """CrypTen's recv_obj, parsing JSON (stock: a restricted unpickler)."""
+    group = self.main_group if group is None else group
+    size = torch.zeros((), dtype=torch.int64)
+    dist.recv(size, src=src, group=group)
+    data = torch.empty(_checked_length(size), dtype=torch.uint8)
+    dist.recv(data, src=src, group=group)
+    return _decode(data)
+
+
+def broadcast_obj(self: Any, obj: Any, src: int, group: Any = None) -> Any:
+    """CrypTen's broadcast_obj, as JSON; every rank gets the decoded value (tuples as lists)."""
+    group = self.main_group if group is None else group
+    if self.rank == src:
+        data = _encode(obj)
+        size = torch.tensor(data.numel(), dtype=torch.int64)
+    else:
+        size = torch.zeros((), dtype=torch.int64)
+    dist.broadcast(size, src, group=group)
+    if self.rank != src:
+        data = torch.empty(_checked_length(size), dtype=torch.uint8)
+    dist.broadcast(data, src, group=group)
+    return _decode(data)
+
+
+# ------------------------------------------------------------------------------- installation
+
+
+class _TorchForDropout:
+    """`torch` as CrypTen's gradients module sees it, with `rand` drawing from a KeyStream."""
+
+    rand = staticmethod(uniform_floats)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+
+_RNG_MODULES: Sequence[str] = (
+    "crypten.common.rng",
+    "crypten.mpc.provider.ttp_provider",
+    "crypten.mpc.provider.tfp_provider",
+    "crypten.mpc.primitives.arithmetic",
+    "crypten.mpc.primitives.binary",
+)
+
+
+def _replace(module_name: str, name: str, value: Callable[..., Any]) -> None:
+    import importlib
+
+    module = importlib.import_module(module_name)
+    if hasattr(module, name):
+        setattr(module, name, value)
+
+
+def install() -> None:
+    """Point every CrypTen module that draws protocol randomness at the keyed streams."""
+    import crypten
+    import crypten.gradients
+    from crypten.communicator.distributed_communicator import DistributedCommunicator
+    from crypten.mpc.provider import ttp_provider
+
+    # The draw functions are imported by name into each module: replace every reference.
+    for module_name in _RNG_MODULES:
+        _replace(module_name, "generate_random_ring_element", random_ring_element)
+        _replace(module_name, "generate_kbit_random_tensor", kbit_random_tensor)
+    crypten._setup_prng = setup_prng
+    client = ttp_provider.TTPClient._TTPClient__TTPClient
+    client._setup_generators = _client_setup_generators
+    ttp_provider.TTPServer.__init__ = _serve
+    ttp_provider.TTPServer._setup_generators = _server_setup_generators
+    DistributedCommunicator.send_obj = send_obj
+    DistributedCommunicator.recv_obj = recv_obj
+    DistributedCommunicator.broadcast_obj = broadcast_obj
+    crypten.gradients.torch = _TorchForDropout()
