@@ -38,7 +38,7 @@ def pipeline(config: RunConfig) -> dict[str, Any]:
     dataset = _timed(seconds, "encrypt_dataset", stages.encrypt_dataset, cfg)
     _timed(seconds, "encrypt_model", stages.encrypt_model, cfg)
     _timed(seconds, "upload", stages.upload, cfg)
-    _timed(seconds, "train", stages.train, cfg, dataset["order_seed"], dataset["count"])
+    _timed(seconds, "train", stages.train, cfg, dataset["count"])
     report: dict[str, Any] = _timed(
         seconds, "decrypt_and_report", stages.decrypt_and_report, cfg, seconds
     )

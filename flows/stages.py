@@ -32,11 +32,9 @@ def upload(config: RunConfig) -> dict[str, Any]:
 
 
 @flow(name="train", log_prints=True)
-def train(config: RunConfig, order_seed: int, count: int) -> dict[str, Any]:
+def train(config: RunConfig, count: int) -> dict[str, Any]:
     """Parties and dealer: train on shares; each party writes only its own shares."""
-    result: dict[str, Any] = stages.train_parties(
-        config, order_seed, stages.steps_total(config, count)
-    )
+    result: dict[str, Any] = stages.train_parties(config, stages.steps_total(config, count))
     return result
 
 

@@ -56,7 +56,7 @@ def upload_shares(cfg: RunConfig) -> dict[str, Any]:
 
 
 @task(name="train-parties")
-def train_parties(cfg: RunConfig, order_seed: int, total_steps: int) -> dict[str, Any]:
+def train_parties(cfg: RunConfig, total_steps: int) -> dict[str, Any]:
     """Run every party and the dealer; no retries here: a rerun resumes from checkpoints."""
     artifact: UUID = create_progress_artifact(  # type: ignore[assignment]  # sync in a task
         0.0, key=_key("progress"), description=f"training run {cfg.run_id} on shares"
@@ -69,9 +69,7 @@ def train_parties(cfg: RunConfig, order_seed: int, total_steps: int) -> dict[str
             last[0] = time.monotonic()
 
     with TrainingProgress(total_steps, publish) as bar:
-        return launch.run_local(
-            cfg.stores(), launch.train_job(cfg, order_seed), bar, logdir=f"{cfg.out}/logs"
-        )
+        return launch.run_local(cfg.stores(), owner.train_job(cfg), bar, logdir=f"{cfg.out}/logs")
 
 
 @task(name="decrypt-report")

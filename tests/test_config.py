@@ -35,6 +35,7 @@ BAD_OPTIONS: list[tuple[dict[str, Any], str]] = [
     ({"parties": "two"}, "--parties"),
     ({"batch_size": 1}, "--batch-size"),
     ({"precision_bits": 30}, "--precision-bits"),
+    ({"precision_bits": 24}, "--precision-bits"),  # the encoder refuses 2^24 mid-run
     ({"precision_bits": 4}, "--precision-bits"),
     ({"seed": -1}, "--seed"),
     ({"device": "tpu"}, "--device"),
@@ -95,8 +96,14 @@ def test_duplicate_party_stores_error_names_the_flag() -> None:
 
 
 def test_distinct_party_stores_are_accepted() -> None:
-    cfg = load_config(parties=3, party_stores=["s3://a/r", "s3://b/r", "/tmp/c"])
-    assert cfg.stores() == ["s3://a/r", "s3://b/r", "/tmp/c"]
+    cfg = load_config(parties=3, party_stores=["s3://a/r", "s3://b/r", "/tmp/c"], run_id="x")
+    assert cfg.party_bases() == ["s3://a/r", "s3://b/r", "/tmp/c"]
+    assert cfg.stores() == ["s3://a/r/x", "s3://b/r/x", "/tmp/c/x"]
+
+
+def test_store_urls_need_a_run_id() -> None:
+    with pytest.raises(ConfigError, match="run id"):
+        load_config().stores()
 
 
 def test_config_is_frozen() -> None:
@@ -110,7 +117,7 @@ def test_resolved_fills_run_id_and_locations(tmp_path: Path) -> None:
     assert cfg.run_id and cfg.out == str((tmp_path / "run").resolve())
     assert cfg.store == (tmp_path / "run" / "store").resolve().as_uri()
     assert cfg.owner_store == str((tmp_path / "run" / "owner").resolve())
-    assert cfg.stores() == [f"{cfg.store}/party-{i}" for i in range(3)]
+    assert cfg.stores() == [f"{cfg.store}/party-{i}/{cfg.run_id}" for i in range(3)]
     again = cfg.resolved()
     assert again == cfg  # resolving twice changes nothing
 
@@ -128,20 +135,9 @@ def test_resolved_keeps_explicit_locations(tmp_path: Path) -> None:
     cfg = load_config(
         out=str(tmp_path), store="s3://bucket/base/", owner_store=str(tmp_path / "mine")
     ).resolved()
-    assert cfg.stores() == ["s3://bucket/base/party-0", "s3://bucket/base/party-1"]
+    assert cfg.party_bases() == ["s3://bucket/base/party-0", "s3://bucket/base/party-1"]
+    assert cfg.stores() == [f"{base}/{cfg.run_id}" for base in cfg.party_bases()]
     assert cfg.owner_store == str(tmp_path / "mine")
-
-
-def test_training_hash_tracks_training_settings_only() -> None:
-    base = load_config(run_id="r")
-    h = base.training_hash()
-    assert len(h) == 64 and h == load_config(run_id="r").training_hash()
-    assert load_config(run_id="r", lr=0.1).training_hash() != h
-    assert load_config(run_id="r", batch_size=32).training_hash() != h
-    assert load_config(run_id="r", seed=1).training_hash() != h
-    assert load_config(run_id="other").training_hash() != h
-    assert load_config(run_id="r", epochs=50).training_hash() == h
-    assert load_config(run_id="r", timeout_s=5).training_hash() == h
 
 
 def test_preflight_accepts_the_defaults(tmp_path: Path) -> None:
@@ -179,3 +175,105 @@ def test_preflight_rejects_an_unknown_store_protocol(tmp_path: Path) -> None:
     owner = load_config(owner_store="alsobad://x", out=str(tmp_path)).resolved()
     with pytest.raises(ConfigError, match="alsobad"):
         preflight(owner)
+
+
+# ---------------------------------------------------------------------------------------------
+# Overlapping locations: one role must never be able to read another's artifacts.
+
+SAME_OR_NESTED = [
+    ("s3://b/x", "s3a://b/x/"),
+    ("S3://b/x", "s3://b/x"),
+    ("s3://b/x", "s3://b//x/."),
+    ("file:///tmp/vt/a", "/tmp/vt/a/"),
+    ("/tmp/./vt/a", "/tmp/vt/a"),
+    ("file://localhost/tmp/vt/a", "/tmp/vt/a"),
+    ("s3://b/x", "s3://b/x/y"),
+    ("/tmp/vt/a/b", "/tmp/vt/a"),
+    ("/tmp/vt/a/../a/b", "file:///tmp/vt/a"),
+]
+
+
+@pytest.mark.parametrize(("first", "second"), SAME_OR_NESTED)
+def test_overlapping_party_stores_are_refused_naming_both(first: str, second: str) -> None:
+    with pytest.raises(InsecureSetupError, match="--party-store") as info:
+        load_config(party_stores=[first, second])
+    assert repr(first) in str(info.value) and repr(second) in str(info.value)
+
+
+def test_relative_and_absolute_spellings_of_one_party_store_are_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InsecureSetupError, match="share one store"):
+        load_config(party_stores=["shares", str(tmp_path / "shares" / "p1")])
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("/tmp/vt/a", "/tmp/vt/ab"),
+        ("s3://b/x", "s3://b/xy"),
+        ("s3://b/x", "gs://b/x"),
+        ("s3://b1/x", "s3://b2/x"),
+    ],
+)
+def test_neighbouring_party_stores_are_accepted(first: str, second: str) -> None:
+    assert load_config(party_stores=[first, second]).party_bases() == [first, second]
+
+
+@pytest.mark.parametrize(
+    "owner",
+    ["s3://b/p0", "s3a://b/p0/", "s3://b/p0/owner", "s3://b", "S3://B/"],
+)
+def test_owner_store_overlapping_a_party_is_refused_naming_both(owner: str) -> None:
+    with pytest.raises(InsecureSetupError, match="--owner-store") as info:
+        load_config(party_stores=["s3://b/p0", "s3://c/p1"], owner_store=owner)
+    assert repr(owner) in str(info.value) and "'s3://b/p0'" in str(info.value)
+
+
+def test_default_owner_store_is_checked_when_resolved(tmp_path: Path) -> None:
+    # --store under OUT/owner puts the parties inside the default owner store OUT/owner.
+    cfg = load_config(out=str(tmp_path / "run"), store=str(tmp_path / "run" / "owner" / "s"))
+    with pytest.raises(InsecureSetupError, match="--owner-store") as info:
+        cfg.resolved()
+    assert str(tmp_path / "run" / "owner") in str(info.value)
+    assert str(tmp_path / "run" / "owner" / "s" / "party-0") in str(info.value)
+
+
+def test_out_inside_a_party_store_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "shares" / "party-1" / "report"
+    with pytest.raises(InsecureSetupError, match="--out") as info:
+        load_config(store=str(tmp_path / "shares"), out=str(out))
+    assert str(out) in str(info.value) and str(tmp_path / "shares" / "party-1") in str(info.value)
+
+
+def test_default_out_inside_a_party_store_is_refused_when_resolved(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # The default --out is the relative runs/<run id>: here it resolves inside party 0's store.
+    (tmp_path / "party-0").mkdir()
+    monkeypatch.chdir(tmp_path / "party-0")
+    cfg = load_config(store=f"file://{tmp_path}", run_id="r-1")
+    with pytest.raises(InsecureSetupError, match="--out"):
+        cfg.resolved()
+
+
+def test_party_store_under_the_out_folder_is_the_accepted_default(tmp_path: Path) -> None:
+    cfg = load_config(out=str(tmp_path / "run")).resolved()
+    assert all(url.startswith((tmp_path / "run" / "store").as_uri()) for url in cfg.stores())
+
+
+def test_two_runs_with_one_store_get_disjoint_party_locations(tmp_path: Path) -> None:
+    first = load_config(out=str(tmp_path / "a"), store="s3://bucket/base", run_id="r-1").resolved()
+    second = load_config(out=str(tmp_path / "b"), store="s3://bucket/base", run_id="r-2")
+    urls = [*first.stores(), *second.resolved().stores()]
+    assert len(set(urls)) == 4
+    for a in urls:
+        assert not [b for b in urls if b != a and b.startswith(a + "/")]  # none inside another
+    assert first.stores()[0] == "s3://bucket/base/party-0/r-1"
+
+
+def test_precision_bits_below_the_encoder_limit_is_accepted() -> None:
+    from veiltrain.sharing import MAX_ENCODED_BITS
+
+    assert load_config(precision_bits=MAX_ENCODED_BITS - 1).precision_bits == 23

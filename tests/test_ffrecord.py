@@ -166,8 +166,9 @@ def test_zero_samples_is_a_12_byte_file(store: Store) -> None:
 def test_golden_payloads(store: Store, entry: dict[str, Any]) -> None:
     url = store.put(VECTORS / entry["name"])
     expected = [bytes.fromhex(h) for h in entry["payloads"]]
-    with legacy_warning_if("legacy" in entry["name"]):
-        reader = FileReader(url, **store.kwargs)
+    legacy = "legacy" in entry["name"]
+    with legacy_warning_if(legacy):
+        reader = FileReader(url, allow_legacy=legacy, **store.kwargs)
     with reader:
         assert reader.n == len(expected)
         assert as_bytes(reader.read(range(reader.n))) == expected
@@ -180,8 +181,9 @@ def test_golden_payloads(store: Store, entry: dict[str, Any]) -> None:
 def test_out_of_range_raises_like_the_reference(store: Store, entry: dict[str, Any]) -> None:
     ref = entry["reference_with_check"]
     n = int(re.findall(r"\((\d+) >= \1\)", ref["read_one_out_of_range"]["message"])[0])
-    with legacy_warning_if("stderr" in ref.get("open", {})):
-        reader = FileReader(store.put(VECTORS / entry["name"]), **store.kwargs)
+    legacy = "stderr" in ref.get("open", {})
+    with legacy_warning_if(legacy):
+        reader = FileReader(store.put(VECTORS / entry["name"]), allow_legacy=legacy, **store.kwargs)
     with pytest.raises(SampleIndexError, match=rf"\({n} >= {n}\)") as caught:
         reader.read_one(n)
     # Callers of the reference catch RuntimeError; torch-style callers catch IndexError.
@@ -199,8 +201,9 @@ def test_corrupt_files_fail_where_the_reference_fails(store: Store, entry: dict[
             FileReader(url, **store.kwargs)
         assert entry["name"] in str(caught.value) and isinstance(caught.value, RuntimeError)
         return
-    with legacy_warning_if("stderr" in ref.get("open", {})):
-        reader = FileReader(url, **store.kwargs)
+    legacy = "stderr" in ref.get("open", {})
+    with legacy_warning_if(legacy):
+        reader = FileReader(url, allow_legacy=legacy, **store.kwargs)
     bad = reference_index(ref["read_batch_all"]["message"])
     with pytest.raises(CorruptFileError, match=rf"sample {bad} .*checksum mismatched"):
         reader.read(range(reader.n))
@@ -215,14 +218,56 @@ def test_validate_checks_metadata_like_the_reference(store: Store) -> None:
     corrupt_meta = FileReader(store.put(VECTORS / "corrupt_meta.ffr"), False, **store.kwargs)
     with pytest.raises(CorruptFileError, match="checksum of metadata"):
         corrupt_meta.validate()
-    legacy = FileReader(store.put(VECTORS / "legacy_meta0.ffr"), False, **store.kwargs)
+    url = store.put(VECTORS / "legacy_meta0.ffr")
+    legacy = FileReader(url, False, allow_legacy=True, **store.kwargs)
     with pytest.warns(LegacyFormatWarning, match="first FFRecord version"):
         legacy.validate()
+    with pytest.raises(CorruptFileError, match="meta_crc is 0"):
+        FileReader(url, False, **store.kwargs).validate()  # unchecked headers are opt-in
     # The reference's validate() passes a file whose only fault is in a sample's bytes.
     corrupt_sample = FileReader(store.put(VECTORS / "corrupt_sample.ffr"), **store.kwargs)
     corrupt_sample.validate()
     with pytest.raises(CorruptFileError, match="sample 37 "):
         corrupt_sample.validate(check_samples=True)
+
+
+@pytest.mark.parametrize("name", ["legacy_meta0.ffr", "legacy_meta0_corrupt_sample.ffr"])
+def test_checked_reader_refuses_a_legacy_header_by_default(store: Store, name: str) -> None:
+    # meta_crc == 0 turns the header check off: an attacker who edits the offsets and zeroes
+    # the CRC field would otherwise get a header that is read unchecked.
+    url = store.put(VECTORS / name)
+    with pytest.raises(CorruptFileError, match="meta_crc is 0") as caught:
+        FileReader(url, **store.kwargs)
+    assert name in str(caught.value) and "allow_legacy=True" in str(caught.value)
+    assert isinstance(caught.value, IntegrityError)
+
+
+def test_a_zeroed_meta_crc_cannot_switch_off_the_header_check(store: Store) -> None:
+    url = write_samples(store, "x.ffr", [b"hello", b"world!"])
+    forged = bytearray(store.read_bytes("x.ffr"))
+    forged[0:4] = bytes(4)  # the "legacy" marker
+    forged[28:36] = struct.pack("<q", 40)  # sample 1 now overlaps sample 0
+    store.put_bytes("x.ffr", bytes(forged))
+    with pytest.raises(CorruptFileError, match="meta_crc is 0"):
+        FileReader(url, **store.kwargs)
+
+
+def test_unchecked_reader_still_reads_a_legacy_header(store: Store) -> None:
+    reader = FileReader(store.put(VECTORS / "legacy_meta0.ffr"), False, **store.kwargs)
+    assert reader.n == 2
+
+
+def test_locate_names_the_file_and_its_local_index(store: Store) -> None:
+    write_samples(store, "d/a.ffr", [b"a0", b"a1"])
+    write_samples(store, "d/b.ffr", [b"b0"])
+    reader = FileReader(store.url("d"), **store.kwargs)
+    assert [reader.locate(i) for i in range(3)] == [
+        (reader.paths[0], 0),
+        (reader.paths[0], 1),
+        (reader.paths[1], 0),
+    ]
+    with pytest.raises(SampleIndexError):
+        reader.locate(3)
 
 
 def test_check_data_false_skips_crc_checks(store: Store) -> None:
@@ -380,9 +425,10 @@ def test_writer_takes_any_contiguous_buffer(store: Store) -> None:
 def test_reader_pickles_for_dataloader_workers(store: Store) -> None:
     write_samples(store, "d/a.ffr", [b"a0", b"a1"])
     write_samples(store, "d/b.ffr", [b"b0"])
-    reader = FileReader(store.url("d"), check_data=False, **store.kwargs)
+    reader = FileReader(store.url("d"), check_data=False, allow_legacy=True, **store.kwargs)
     clone = pickle.loads(pickle.dumps(reader))
     assert (clone.n, clone.check_data, clone.paths) == (3, False, reader.paths)
+    assert clone.allow_legacy is True
     assert as_bytes(clone.read([2, 0])) == [b"b0", b"a0"]
     assert clone.read_one(1).flags.writeable  # torch.from_numpy wants writable arrays
 

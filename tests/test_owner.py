@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from seaweed import PARTY_BUCKETS, S3Server
-from veiltrain import checkpoints, owner, sharing
+from veiltrain import owner, sharing
 from veiltrain.config import RunConfig, load_config
 from veiltrain.data import one_hot
 from veiltrain.errors import IntegrityError, StoreError
-from veiltrain.party import PartyData, TrainJob
+from veiltrain.party import PartyData
 from veiltrain.store import Location, sha256_bytes
 
 TOLERANCE = 2.0**-16
@@ -54,7 +54,7 @@ def _check_manifests(cfg: RunConfig, parties: list[Location]) -> None:
 def _check_reconstruction(cfg: RunConfig, parties: list[Location]) -> None:
     own = owner.owner_location(cfg)
     train = owner.load_npz(own, "private/train.npz")
-    shares = [PartyData(loc, owner.read_manifest(loc)["objects"]) for loc in parties]
+    shares = [PartyData.in_store(loc, owner.read_manifest(loc)["objects"]) for loc in parties]
     count = len(train["x"])
     assert all(s.count == count for s in shares)
     idx = np.random.default_rng(0).permutation(count)[:37]
@@ -150,9 +150,9 @@ def test_new_shares_replace_old_ones_and_the_manifest(tmp_path: Path) -> None:
     cfg = _config(tmp_path, 2)
     _prepare(cfg)
     old = owner.read_manifest(owner.party_location(cfg, 0))["objects"]
-    owner.encrypt_dataset(cfg)  # fresh masks: new bytes for the data shares
+    owner.encrypt_model(cfg)  # fresh masks: new bytes for every party's parameter shares
     counts = owner.upload(cfg)
-    assert counts["uploaded"] >= 2 and counts["skipped"] >= 2
+    assert counts["uploaded"] == 2 and counts["skipped"] >= 2
     locs = _parties(cfg)
     _check_manifests(cfg, locs)
     assert owner.read_manifest(locs[0])["objects"] != old
@@ -217,7 +217,7 @@ def test_upload_to_s3_with_per_party_credentials(
     cfg = _config(tmp_path, 2, party_stores=stores, owner_store=str(tmp_path / "owner"))
     first = _prepare(cfg)
     locs = _parties(cfg)
-    assert [loc.url for loc in locs] == stores
+    assert [loc.url for loc in locs] == [f"{url}/{cfg.run_id}" for url in stores]
     assert first["uploaded"] == sum(len(loc.list()) - 1 for loc in locs)
     _check_manifests(cfg, locs)
     _check_reconstruction(cfg, locs)
@@ -225,7 +225,7 @@ def test_upload_to_s3_with_per_party_credentials(
     assert owner.upload(cfg) == {"uploaded": 0, "skipped": first["uploaded"], "bytes": 0}
     assert [loc.read_bytes(owner.MANIFEST) for loc in locs] == before
     # Party 1's identity can neither read nor overwrite party 0's shares.
-    snoop = Location(stores[0], role="party-1")
+    snoop = Location(locs[0].url, role="party-1")
     for attempt in (
         lambda: snoop.read_bytes(owner.MANIFEST),
         lambda: snoop.read_bytes("model/params.safetensors"),
@@ -235,90 +235,3 @@ def test_upload_to_s3_with_per_party_credentials(
             attempt()
         assert s3_server.identities["party-1"].secret not in str(info.value)
     assert sha256_bytes(locs[0].read_bytes(owner.MANIFEST)) == sha256_bytes(before[0])
-
-
-# ------------------------------------------------------------------------- checkpoints
-
-
-JOB = TrainJob(
-    run_id="run-a",
-    epochs=5,
-    batch_size=16,
-    lr=0.1,
-    loss="cross-entropy",
-    precision_bits=16,
-    order_seed=7,
-    settings_hash="hash-a",
-)
-
-
-def latest_checkpoint(loc: Location) -> int:
-    ident = checkpoints.Identity(JOB.run_id, JOB.settings_hash)
-    return checkpoints.latest(loc, ident, JOB.epochs)
-
-
-def _checkpoint(loc: Location, epoch: int, **overrides: Any) -> str:
-    folder = f"checkpoints/epoch-{epoch:04d}"
-    blobs = {"params.safetensors": b"p" * 40, "losses.safetensors": b"l" * 8}
-    for name, blob in blobs.items():
-        loc.write_bytes(f"{folder}/{name}", blob)
-    record = {
-        "run_id": JOB.run_id,
-        "party": 0,
-        "epoch": epoch,
-        "step": epoch * 3,
-        "settings_hash": JOB.settings_hash,
-        "precision_bits": 16,
-        "objects": {n: {"sha256": sha256_bytes(b), "size": len(b)} for n, b in blobs.items()},
-        **overrides,
-    }
-    loc.write_json(f"{folder}/checkpoint.json", record)
-    return folder
-
-
-def test_latest_checkpoint_without_checkpoints(tmp_path: Path) -> None:
-    assert latest_checkpoint(Location(str(tmp_path))) == 0
-
-
-def test_latest_checkpoint_is_the_highest_complete_epoch(tmp_path: Path) -> None:
-    loc = Location(str(tmp_path))
-    for epoch in (1, 2, 3):
-        _checkpoint(loc, epoch)
-    assert latest_checkpoint(loc) == 3
-
-
-def test_latest_checkpoint_ignores_invalid_checkpoints(tmp_path: Path) -> None:
-    loc = Location(str(tmp_path))
-    _checkpoint(loc, 1)
-    _checkpoint(loc, 2)
-    _checkpoint(loc, 3, settings_hash="other-settings")
-    _checkpoint(loc, 4, run_id="other-run")
-    missing = _checkpoint(loc, 5)
-    loc.remove(f"{missing}/params.safetensors")
-    assert latest_checkpoint(loc) == 2
-    truncated = _checkpoint(loc, 5)
-    loc.write_bytes(f"{truncated}/losses.safetensors", b"l")
-    assert latest_checkpoint(loc) == 2
-    loc.write_bytes("checkpoints/epoch-0005/checkpoint.json", b"{corrupt")
-    assert latest_checkpoint(loc) == 2
-    _checkpoint(loc, 6)  # beyond this job's epochs
-    assert latest_checkpoint(loc) == 2
-    _checkpoint(loc, 5)
-    assert latest_checkpoint(loc) == 5
-
-
-def test_data_without_its_marker_is_not_a_checkpoint(tmp_path: Path) -> None:
-    loc = Location(str(tmp_path))
-    _checkpoint(loc, 1)
-    loc.write_bytes("checkpoints/epoch-0002/params.safetensors", b"p" * 40)
-    assert latest_checkpoint(loc) == 1
-
-
-def test_latest_checkpoint_skips_a_record_without_epoch(tmp_path: Path) -> None:
-    loc = Location(str(tmp_path))
-    _checkpoint(loc, 1)
-    folder = _checkpoint(loc, 2)
-    record = loc.read_json(f"{folder}/checkpoint.json")
-    del record["epoch"]
-    loc.write_json(f"{folder}/checkpoint.json", record)
-    assert latest_checkpoint(loc) == 1

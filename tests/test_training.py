@@ -20,10 +20,10 @@ pytestmark = pytest.mark.slow
 def _prepared(tmp_path: Path, **options: Any) -> tuple[RunConfig, TrainJob]:
     base = {"max_samples": 120, "batch_size": 32, "test_fraction": 0.25, "timeout_s": 60}
     cfg = load_config(**{**base, "out": str(tmp_path / "run"), **options}).resolved()
-    info = owner.encrypt_dataset(cfg)
+    owner.encrypt_dataset(cfg)
     owner.encrypt_model(cfg)
     owner.upload(cfg)
-    return cfg, launch.train_job(cfg, info["order_seed"])
+    return cfg, owner.train_job(cfg)
 
 
 def _train(cfg: RunConfig, job: TrainJob) -> list[dict[str, Any]]:
@@ -70,5 +70,22 @@ def test_settings_changes_are_not_resumed(tmp_path: Path) -> None:
     other = replace(job, lr=job.lr / 2, settings_hash="0" * 64)
     assert _starts(_train(cfg, other)) == {1}
     # The owner notices that the stored checkpoints no longer match the run's settings.
-    with pytest.raises(IntegrityError, match="with these settings"):
+    with pytest.raises(IntegrityError, match="no complete checkpoint"):
         report.reconstruct(cfg)
+
+
+def test_checkpoints_of_different_attempts_are_never_combined(tmp_path: Path) -> None:
+    cfg, job = _prepared(tmp_path, epochs=2)
+    _train(cfg, job)
+    party1 = Location(cfg.stores()[1])
+    stale = {n: party1.read_bytes(n) for n in party1.list("checkpoints/epoch-0002")}
+    for url in cfg.stores():  # both parties redo epoch 2 together: a new attempt
+        Location(url).remove("checkpoints/epoch-0002/checkpoint.json")
+    assert _starts(_train(cfg, job)) == {2}
+    for name, blob in stale.items():  # party 1's store is rolled back to the old attempt
+        party1.write_bytes(name, blob)
+    # Sizes match and each record verifies on its own, but epoch 2 mixes two attempts.
+    assert report.reconstruct(cfg).epochs == 1
+    assert _starts(_train(cfg, job)) == {2}  # resumed from epoch 1, the newest agreed
+    result = report.build_report(cfg, {})
+    assert result["epochs"] == 2 and result["max_loss_gap"] < 0.05

@@ -1,8 +1,14 @@
-"""Per-party encrypted checkpoints: share files first, then a record that marks them complete."""
+"""Per-party encrypted checkpoints: share files first, then a record that marks them complete.
+
+Each record names the run, the keyed settings tag and the training attempt that wrote it. The
+parties of one attempt compute together, so their epoch-k checkpoints belong together; shares of
+different attempts (a party rerun alone, a store restored from elsewhere) must never be mixed.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import secrets
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,6 +16,8 @@ from veiltrain.errors import IntegrityError, VeiltrainError
 from veiltrain.store import Location, sha256_bytes
 
 RECORD = "checkpoint.json"
+ATTEMPT_BITS = 63
+"""Attempt ids are random 63-bit numbers: they fit a signed int64 tensor for the agreement."""
 
 
 @dataclass(frozen=True)
@@ -18,6 +26,11 @@ class Identity:
 
     run_id: str
     settings_hash: str
+
+
+def new_attempt() -> int:
+    """A fresh attempt id (drawn by party 0, shared with the others at start)."""
+    return secrets.randbits(ATTEMPT_BITS) + 1  # never 0: 0 marks "no checkpoint"
 
 
 def folder(epoch: int) -> str:
@@ -33,13 +46,29 @@ def write(loc: Location, epoch: int, blobs: Mapping[str, bytes], fields: dict[st
     loc.write_json(f"{folder(epoch)}/{RECORD}", {**fields, "epoch": epoch, "objects": objects})
 
 
-def read(loc: Location, epoch: int, name: str, ident: Identity) -> bytes:
-    """One share file of a checkpoint, checked against its record and the expected run."""
+def _record(loc: Location, epoch: int, ident: Identity) -> dict[str, Any]:
     record = loc.read_json(f"{folder(epoch)}/{RECORD}")
-    if record.get("run_id") != ident.run_id or record.get("settings_hash") != ident.settings_hash:
+    if (
+        not isinstance(record, dict)
+        or record.get("run_id") != ident.run_id
+        or record.get("settings_hash") != ident.settings_hash
+    ):
         raise IntegrityError(
             f"{loc.url}/{folder(epoch)}: belongs to another run or other settings; "
             "re-run the train stage"
+        )
+    return record
+
+
+def read(
+    loc: Location, epoch: int, name: str, ident: Identity, attempt: int | None = None
+) -> bytes:
+    """One share file of a checkpoint, checked against its record, run and attempt."""
+    record = _record(loc, epoch, ident)
+    if attempt is not None and record.get("attempt") != attempt:
+        raise IntegrityError(
+            f"{loc.url}/{folder(epoch)}: written by training attempt {record.get('attempt')}, "
+            f"the other parties' by {attempt}: their shares cannot be combined; re-run training"
         )
     blob = loc.read_bytes(f"{folder(epoch)}/{name}")
     expected = record.get("objects", {}).get(name, {}).get("sha256")
@@ -60,23 +89,45 @@ def epochs(loc: Location) -> list[int]:
     return sorted(found)
 
 
-def latest(loc: Location, ident: Identity, max_epoch: int) -> int:
-    """Highest epoch (at most max_epoch) with a complete checkpoint of this run, or 0."""
-    usable = [e for e in epochs(loc) if e <= max_epoch and _complete(loc, e, ident)]
-    return max(usable, default=0)
+def candidates(loc: Location, ident: Identity, max_epoch: int) -> dict[int, int]:
+    """Epoch -> attempt id of every record of this run whose objects have the right sizes."""
+    found = {}
+    for epoch in epochs(loc):
+        attempt = _sized(loc, epoch, ident) if epoch <= max_epoch else None
+        if attempt is not None:
+            found[epoch] = attempt
+    return found
 
 
-def _complete(loc: Location, epoch: int, ident: Identity) -> bool:
+def _sized(loc: Location, epoch: int, ident: Identity) -> int | None:
     try:
-        record = loc.read_json(f"{folder(epoch)}/{RECORD}")
-        if record["run_id"] != ident.run_id or record["settings_hash"] != ident.settings_hash:
-            return False
-        return (
-            all(
-                loc.size(f"{folder(epoch)}/{name}") == meta["size"]
-                for name, meta in record["objects"].items()
-            )
-            and int(record["epoch"]) == epoch
+        record = _record(loc, epoch, ident)
+        sizes_match = all(
+            loc.size(f"{folder(epoch)}/{name}") == meta["size"]
+            for name, meta in record["objects"].items()
         )
+        attempt = record["attempt"]
+        if sizes_match and int(record["epoch"]) == epoch and isinstance(attempt, int):
+            return attempt
+        return None
     except (KeyError, TypeError, ValueError, AttributeError, VeiltrainError):
-        return False  # unreadable, partial or foreign: not a resume point
+        return None  # unreadable, partial or foreign: not a resume point
+
+
+def verified(loc: Location, epoch: int, ident: Identity) -> bool:
+    """Whether every object of the epoch's checkpoint hashes to its record (a full read)."""
+    try:
+        record = _record(loc, epoch, ident)
+        return all(
+            loc.sha256(f"{folder(epoch)}/{name}") == meta["sha256"]
+            for name, meta in record["objects"].items()
+        )
+    except (KeyError, TypeError, AttributeError, VeiltrainError):
+        return False
+
+
+def common(tables: Sequence[Mapping[int, int]]) -> list[int]:
+    """Epochs, newest first, for which every party holds a checkpoint of one same attempt."""
+    shared = set(tables[0]).intersection(*tables[1:]) if tables else set()
+    agreeing = [e for e in shared if len({table[e] for table in tables}) == 1]
+    return sorted(agreeing, reverse=True)

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 import secrets
 from datetime import UTC, datetime
+from itertools import combinations
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from veiltrain.errors import ConfigError, InsecureSetupError
+from veiltrain.sharing import MAX_ENCODED_BITS
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -43,8 +43,12 @@ class RunConfig(BaseModel):
         "cross-entropy", description="cross-entropy | mse"
     )
     parties: int = Field(2, description="compute parties (non-colluding); at least 2")
+    # One rule with the encoder: sharing refuses precision_bits >= MAX_ENCODED_BITS mid-run.
     precision_bits: int = Field(
-        16, ge=8, le=24, description="fractional bits of the fixed-point encoding"
+        16,
+        ge=8,
+        lt=MAX_ENCODED_BITS,
+        description=f"fractional bits of the fixed-point encoding (8..{MAX_ENCODED_BITS - 1})",
     )
     seed: int = Field(
         0,
@@ -61,8 +65,12 @@ class RunConfig(BaseModel):
         None, ge=10, description="use only the first N samples (quick runs)"
     )
     out: str = Field("", description="owner's output folder; default runs/<run id>")
-    store: str = Field("", description="store URL; party i uses STORE/party-<i>; default OUT/store")
-    party_stores: list[str] = Field(default_factory=list, description="one store URL per party")
+    store: str = Field(
+        "", description="store URL; party i uses STORE/party-<i>/<run id>; default OUT/store"
+    )
+    party_stores: list[str] = Field(
+        default_factory=list, description="one store URL per party (each used as URL/<run id>)"
+    )
     owner_store: str = Field("", description="owner-only URL for private state; default OUT/owner")
     timeout_s: float = Field(
         300.0, gt=0, le=86400, description="longest wait for any party or network"
@@ -94,10 +102,7 @@ class RunConfig(BaseModel):
             raise ValueError(
                 f"--party-store given {len(self.party_stores)} times for {self.parties} parties"
             )
-        if len({_normalised(url) for url in self.stores()}) != self.parties:
-            raise InsecureSetupError(
-                "--party-store/--store: two parties share one store location; give each its own"
-            )
+        check_locations(self)
         return self
 
     def resolved(self) -> RunConfig:
@@ -107,39 +112,99 @@ class RunConfig(BaseModel):
         out = str(Path(out).expanduser().resolve())
         store = self.store or (Path(out) / "store").as_uri()
         owner = self.owner_store or str(Path(out) / "owner")
-        return self.model_copy(
+        resolved = self.model_copy(
             update={"run_id": run_id, "out": out, "store": store, "owner_store": owner}
         )
+        # model_copy skips validators, and the defaults just filled in may overlap a party.
+        check_locations(resolved)
+        return resolved
 
-    def stores(self) -> list[str]:
-        """One URL per party: explicit, or STORE/party-<i>."""
+    def party_bases(self) -> list[str]:
+        """One base URL per party, not yet scoped by run: explicit, or STORE/party-<i>."""
         if self.party_stores:
             return list(self.party_stores)
         base = (self.store or "store").rstrip("/")
         return [f"{base}/party-{i}" for i in range(self.parties)]
 
-    def training_hash(self) -> str:
-        """Hash of the settings that must match for a checkpoint to be resumed."""
-        keys = (
-            "run_id",
-            "model",
-            "model_kwargs",
-            "batch_size",
-            "lr",
-            "loss",
-            "parties",
-            "precision_bits",
-            "seed",
-        )
-        blob = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()
+    def stores(self) -> list[str]:
+        """One URL per party, scoped by run: BASE/<run id>, so runs never overwrite each other."""
+        if not self.run_id:
+            raise ConfigError(
+                "party store URLs need a run id: call RunConfig.resolved() first (or give --run-id)"
+            )
+        return [f"{base.rstrip('/')}/{self.run_id}" for base in self.party_bases()]
 
 
-def _normalised(url: str) -> str:
-    """Compare locations, not spellings: trailing slashes and file:// prefixes do not matter."""
-    if "://" not in url or url.startswith("file://"):
-        return "file://" + str(Path(url.removeprefix("file://")).expanduser().resolve())
-    return url.rstrip("/")
+# Protocols that name the same store under another spelling (fsspec maps each pair to one class).
+_SAME_PROTOCOL = {
+    "s3a": "s3",
+    "s3n": "s3",
+    "gcs": "gs",
+    "abfs": "az",
+    "abfss": "az",
+    "local": "file",
+}
+
+Place = tuple[str, tuple[str, ...]]
+
+
+def _place(url: str) -> Place:
+    """A location as (protocol, path components): one value for every spelling of one place."""
+    protocol, sep, rest = url.partition("://")
+    protocol = protocol.lower() if sep else "file"
+    protocol = _SAME_PROTOCOL.get(protocol, protocol)
+    if protocol == "file":
+        path = rest if sep else url
+        path = path.removeprefix("localhost") if path.startswith("localhost/") else path
+        # Local only (no network): symlinks and relative paths resolve to one absolute path.
+        return protocol, Path(path).expanduser().resolve().parts
+    parts: list[str] = []
+    for part in rest.split("?", 1)[0].split("/"):
+        if part == "..":
+            # Object stores keep '..' literally; treating it as a step up only errs on refusing.
+            if parts:
+                parts.pop()
+        elif part not in ("", "."):
+            parts.append(part)
+    if parts:
+        parts[0] = parts[0].lower()  # bucket and host names are case-insensitive
+    return protocol, tuple(parts)
+
+
+def _contains(outer: Place, inner: Place) -> bool:
+    """Whether inner is outer or below it, by whole components (/a holds /a/b, not /ab)."""
+    return outer[0] == inner[0] and inner[1][: len(outer[1])] == outer[1]
+
+
+def _overlap(a: str, b: str) -> bool:
+    """Whether two locations are the same place or one lies inside the other."""
+    pa, pb = _place(a), _place(b)
+    return _contains(pa, pb) or _contains(pb, pa)
+
+
+def check_locations(cfg: RunConfig) -> None:
+    """Refuse party, owner and output locations that overlap: one role could read another's."""
+    bases = cfg.party_bases()
+    for i, j in combinations(range(len(bases)), 2):
+        if _overlap(bases[i], bases[j]):
+            raise InsecureSetupError(
+                f"--party-store/--store: party {i} ({bases[i]!r}) and party {j} "
+                f"({bases[j]!r}) share one store location (the same place, or one inside the "
+                "other), so each could read the other's shares; give each party its own location"
+            )
+    for i, base in enumerate(bases):
+        if cfg.out and _contains(_place(base), _place(cfg.out)):
+            raise InsecureSetupError(
+                f"--out {cfg.out!r} lies inside party {i}'s store location {base!r}, so that "
+                "party could read the report and the decrypted model; choose an --out outside "
+                "every party store"
+            )
+        if cfg.owner_store and _overlap(cfg.owner_store, base):
+            raise InsecureSetupError(
+                f"--owner-store {cfg.owner_store!r} and party {i}'s store location {base!r} "
+                "overlap (the same place, or one inside the other), so the party could read "
+                "the owner's plaintext data; put the owner store apart from every party store"
+            )
 
 
 def load_config(**options: Any) -> RunConfig:

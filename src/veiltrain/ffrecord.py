@@ -204,7 +204,14 @@ def _read_header(fs: AbstractFileSystem, path: str, url: str, size: int) -> byte
     return first + _cat(fs, path, len(first), need)
 
 
-def _check_meta(url: str, meta_crc: int, meta: bytes) -> None:
+def _check_meta(url: str, meta_crc: int, meta: bytes, allow_legacy: bool) -> None:
+    if meta_crc == 0 and not allow_legacy:
+        # Zero switches the header check off, so a header edited to say 0 would pass unchecked.
+        raise CorruptFileError(
+            f"{url}: meta_crc is 0, which marks a file from the first FFRecord version whose "
+            "header cannot be checked; refused. Re-write it with FileWriter to get a checked "
+            "header, or open the reader with allow_legacy=True if you trust the file"
+        )
     if meta_crc == 0:
         warnings.warn(
             f"{url}: meta_crc is 0, which marks a file from the first FFRecord version; its "
@@ -245,13 +252,15 @@ def _check_offsets(url: str, offsets: npt.NDArray[np.int64], size: int) -> None:
         )
 
 
-def _open_shard(fs: AbstractFileSystem, path: str, size: int, check_data: bool) -> _Shard:
+def _open_shard(
+    fs: AbstractFileSystem, path: str, size: int, check_data: bool, allow_legacy: bool
+) -> _Shard:
     url = _display(fs, path)
     head = _read_header(fs, path, url, size)
     count = (len(head) - _PREFIX) // _PER_SAMPLE
     meta_crc = int.from_bytes(head[:4], "little")
     if check_data:
-        _check_meta(url, meta_crc, head[4:])
+        _check_meta(url, meta_crc, head[4:], allow_legacy)
     offsets = np.frombuffer(head, dtype="<i8", count=count, offset=_PREFIX + 4 * count)
     _check_offsets(url, offsets, size)
     ends = np.empty_like(offsets)
@@ -348,13 +357,9 @@ def _locate(
 
 
 def _rebuild_reader(
-    cls: type[FileReader],
-    paths: list[str],
-    check_data: bool,
-    fs: AbstractFileSystem | None,
-    storage_options: Mapping[str, Any] | None,
+    cls: type[FileReader], paths: list[str], check_data: bool, options: Mapping[str, Any]
 ) -> FileReader:
-    return cls(paths, check_data, fs=fs, storage_options=storage_options)
+    return cls(paths, check_data, **options)
 
 
 class FileReader:
@@ -362,6 +367,8 @@ class FileReader:
 
     Drop-in for the reference `ffrecord.FileReader`; paths may be local or any fsspec URL
     (s3://, memory://...), with `fs=` or `storage_options=` to configure the filesystem.
+    One deliberate difference: with check_data, a first-version file (meta_crc == 0, header
+    unchecked) is refused unless `allow_legacy=True`, where the reference only warns.
     """
 
     def __init__(
@@ -371,12 +378,15 @@ class FileReader:
         *,
         fs: AbstractFileSystem | None = None,
         storage_options: Mapping[str, Any] | None = None,
+        allow_legacy: bool = False,
     ) -> None:
         self.check_data = check_data
+        self.allow_legacy = allow_legacy
         self._fs = fs
         self._storage_options = storage_options
         self._shards = [
-            _open_shard(f, p, s, check_data) for f, p, s in _locate(paths, fs, storage_options)
+            _open_shard(f, p, s, check_data, allow_legacy)
+            for f, p, s in _locate(paths, fs, storage_options)
         ]
         self.paths: list[str] = [s.url for s in self._shards]
         counts = [s.count for s in self._shards]
@@ -387,8 +397,12 @@ class FileReader:
     def __reduce__(self) -> tuple[Any, ...]:
         # Rebuilt from the resolved file list, so every DataLoader worker sees the same files
         # even if the directory changes later.
-        args = (type(self), self.paths, self.check_data, self._fs, self._storage_options)
-        return (_rebuild_reader, args)
+        options = {
+            "fs": self._fs,
+            "storage_options": self._storage_options,
+            "allow_legacy": self.allow_legacy,
+        }
+        return (_rebuild_reader, (type(self), self.paths, self.check_data, options))
 
     def __repr__(self) -> str:
         return f"FileReader({self._describe()}, n={self.n}, check_data={self.check_data})"
@@ -438,6 +452,13 @@ class FileReader:
             found.update(zip(ks, arrays, strict=True))
         return [found[k] for k in range(len(wanted))]
 
+    def locate(self, index: SupportsIndex) -> tuple[str, int]:
+        """The file holding sample `index` (reader-wide) and the sample's index in that file."""
+        self._check_open()
+        wanted = self._index(index)
+        shard = int(np.searchsorted(self._firsts, wanted, side="right")) - 1
+        return self.paths[shard], wanted - int(self._firsts[shard])
+
     def read_one(self, index: SupportsIndex) -> Sample:
         """One sample as a 1-D uint8 array."""
         return self.read([index])[0]
@@ -446,7 +467,7 @@ class FileReader:
         """Check every file's metadata CRC, as the reference does; optionally every sample too."""
         self._check_open()
         for shard in self._shards:
-            _check_meta(shard.url, shard.meta_crc, shard.meta)
+            _check_meta(shard.url, shard.meta_crc, shard.meta, self.allow_legacy)
         if check_samples:
             for shard, first in zip(self._shards, self._firsts.tolist(), strict=False):
                 for start in range(0, shard.count, 1024):

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from veiltrain.config import RunConfig
+from veiltrain.contract import TrainJob
 from veiltrain.errors import PartyError
-from veiltrain.party import TrainJob
+from veiltrain.store import ENDPOINT_VARIABLE, credential_variables
 
 ProgressFn = Callable[[dict[str, Any]], None]
 
@@ -45,41 +45,83 @@ class _Proc:
         return verdicts[-1] if verdicts else "\n".join(text[-lines:])
 
 
-def _command(rank: int, world: int, rendezvous: str, store: str, job: TrainJob) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "veiltrain.party",
-        "--rank",
-        str(rank),
-        "--world-size",
-        str(world),
-        "--rendezvous",
-        rendezvous,
-        "--store",
-        store,
-        "--job",
-        job.to_json(),
-    ]
+PARTY_ENTRY: tuple[str, ...] = (sys.executable, "-m", "veiltrain.party")
+"""The default command prefix of a party or dealer process; rank and world size follow it."""
+
+# Copied from the launcher's environment when set: what the interpreter, torch and the C
+# libraries below them (locale, BLAS, CUDA, OpenSSL's trust store) read. None is a secret.
+# PYTHONPATH stays: parties import a user's model factory. Everything else is dropped, including
+# AWS_* (even AWS_CA_BUNDLE: one rule is easier to audit than exceptions) and PREFECT_*.
+_INHERITED = frozenset(
+    {
+        "PATH",
+        "HOME",
+        "LANG",
+        "LANGUAGE",
+        "TMPDIR",
+        "TZ",
+        "VIRTUAL_ENV",
+        "PYTHONPATH",
+        "LD_LIBRARY_PATH",
+        "CUDA_VISIBLE_DEVICES",
+        "CUDA_DEVICE_ORDER",
+        "OPENBLAS_CORETYPE",
+        "OPENBLAS_L2_SIZE",
+        "SSL_CERT_FILE",
+        "SSL_CERT_DIR",
+    }
+)
+_INHERITED_PREFIXES = ("LC_",)
+# Several parties share a host in tests and demos: one thread each, and unbuffered event lines.
+_FIXED = {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+def _command(entry: Sequence[str], rank: int, world: int) -> list[str]:
+    """Only rank and world size go on argv: every user on the host can read /proc/*/cmdline."""
+    return [*entry, "--rank", str(rank), "--world-size", str(world)]
+
+
+def _message(job: TrainJob, store: str, rendezvous: str) -> str:
+    """The JSON object a party (or, with no store, the dealer) reads on stdin."""
+    # The job's own serialisation, nested as an object: the party parses it with from_json.
+    fields = json.loads(job.to_json())
+    return json.dumps({"job": fields, "store": store, "rendezvous": rendezvous})
+
+
+def child_env(role: str | None) -> dict[str, str]:
+    """A child's environment built from scratch: the allow-list plus, for a party, its own keys.
+
+    role is 'party-<i>' for party i and None for the dealer, which gets no store settings at all.
+    """
+    env = {
+        k: v for k, v in os.environ.items() if k in _INHERITED or k.startswith(_INHERITED_PREFIXES)
+    }
+    env.update(_FIXED)
+    if role is not None:
+        for name in (*credential_variables(role), ENDPOINT_VARIABLE):
+            if name in os.environ:
+                env[name] = os.environ[name]
     return env
 
 
-def _start(name: str, cmd: list[str], logdir: Path) -> _Proc:
+def _start(name: str, cmd: list[str], message: str, env: dict[str, str], logdir: Path) -> _Proc:
     log_path = logdir / f"{name.replace(' ', '-')}.log"
     log = log_path.open("w")
     popen = subprocess.Popen(
         cmd,
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=log,
         text=True,
-        env=_env(),
+        env=env,
         start_new_session=True,
     )
+    assert popen.stdin is not None  # created with stdin=PIPE
+    try:
+        popen.stdin.write(message)
+        popen.stdin.close()
+    except BrokenPipeError:
+        pass  # it exited before reading: _watch reports its exit code and log
     return _Proc(name, popen, log, log_path)
 
 
@@ -91,22 +133,39 @@ def _reader(proc: _Proc, events: queue.Queue[dict[str, Any]]) -> None:
         except json.JSONDecodeError:
             proc.log.write(line)
             continue
-        events.put({"party": proc.name, **event})
+        events.put({"party": proc.name, "pid": proc.popen.pid, **event})
 
 
 def run_local(
-    stores: Sequence[str], job: TrainJob, on_event: ProgressFn, logdir: str | None = None
+    stores: Sequence[str],
+    job: TrainJob,
+    on_event: ProgressFn,
+    logdir: str | None = None,
+    entry: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Run parties 0..n-1 and the dealer locally; raise PartyError naming the first to fail."""
+    """Run parties 0..n-1 and the dealer locally; raise PartyError naming the first to fail.
+
+    entry replaces the command prefix (default PARTY_ENTRY), e.g. to start through a wrapper.
+    """
     world = len(stores)
+    prefix = PARTY_ENTRY if entry is None else tuple(entry)
     rendezvous = f"tcp://127.0.0.1:{free_port()}"
     folder = Path(logdir or tempfile.mkdtemp(prefix="veiltrain-parties-"))
     folder.mkdir(parents=True, exist_ok=True)
     procs = [
-        _start(f"party {r}", _command(r, world, rendezvous, stores[r], job), folder)
+        _start(
+            f"party {r}",
+            _command(prefix, r, world),
+            _message(job, stores[r], rendezvous),
+            child_env(f"party-{r}"),
+            folder,
+        )
         for r in range(world)
     ]
-    procs.append(_start("dealer", _command(world, world, rendezvous, "", job), folder))
+    dealer_message = _message(job, "", rendezvous)
+    procs.append(
+        _start("dealer", _command(prefix, world, world), dealer_message, child_env(None), folder)
+    )
     events: queue.Queue[dict[str, Any]] = queue.Queue()
     threads = [threading.Thread(target=_reader, args=(p, events), daemon=True) for p in procs]
     for t in threads:
@@ -170,19 +229,3 @@ def _stop(procs: list[_Proc]) -> None:
             p.popen.kill()
             p.popen.wait()
         p.log.close()
-
-
-def train_job(cfg: RunConfig, order_seed: int) -> TrainJob:
-    """The public part of a run's settings that the parties receive."""
-    return TrainJob(
-        run_id=cfg.run_id,
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        loss=cfg.loss,
-        precision_bits=cfg.precision_bits,
-        order_seed=order_seed,
-        settings_hash=cfg.training_hash(),
-        device=cfg.device,
-        timeout_s=cfg.timeout_s,
-    )

@@ -12,8 +12,9 @@ import numpy as np
 import torch
 from safetensors.torch import save as save_safetensors
 
-from veiltrain import data, models, sharing
+from veiltrain import data, models, runstate, sharing
 from veiltrain.config import RunConfig
+from veiltrain.contract import TrainJob
 from veiltrain.errors import ConfigError, IntegrityError
 from veiltrain.ffrecord import FileWriter
 from veiltrain.store import Location, check_objects, sha256_bytes
@@ -22,6 +23,8 @@ MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "veiltrain.party-manifest"
 MANIFEST_VERSION = 1
 _SHARD_BYTES = 64 << 20
+_ORDER = "private/record_order.npz"
+MODEL_SPEC = "private/model.json"
 
 
 def owner_location(cfg: RunConfig) -> Location:
@@ -43,16 +46,72 @@ def party_location(cfg: RunConfig, party: int) -> Location:
 
 
 def encrypt_dataset(cfg: RunConfig) -> dict[str, Any]:
-    """Split the training set into per-party shares; keep test split and statistics private."""
+    """Split the training set into per-party shares, once per run; test split stays private.
+
+    A rerun with the same run id reuses the run's encryption (same record order, batch order and
+    settings tag) and refuses changed training options or a changed data source.
+    """
+    owner = owner_location(cfg)
+    previous = runstate.load(owner)
+    if previous is not None:
+        runstate.check_settings(previous, cfg)
     ds = data.load(cfg.dataset, cfg.test_fraction, cfg.seed, cfg.max_samples)
+    key = previous.key if previous is not None else runstate.new_key()
+    fingerprint = runstate.fingerprint(key, ds)
+    if previous is not None and fingerprint != previous.fingerprint:
+        raise ConfigError(
+            f"--dataset {cfg.dataset}: the data changed since run {cfg.run_id} was encrypted; "
+            "its checkpoints were trained on the old data: start a new run (a new --run-id)"
+        )
+    if previous is not None and _staged(cfg):
+        return previous.dataset
+    order = _record_order(owner, len(ds.x_train), reuse=previous is not None)
+    info = _stage_dataset(cfg, ds, order)
+    state = runstate.RunState(
+        run_id=cfg.run_id,
+        key=key,
+        fingerprint=fingerprint,
+        settings=runstate.settings_of(cfg),
+        # The batch order is public to parties; it comes from its own random seed so that it
+        # says nothing about --seed (which also fixes the secret initial weights).
+        order_seed=previous.order_seed if previous is not None else secrets.randbits(62),
+        dataset=info,
+    )
+    runstate.save(owner, state)  # last: a run record means the encryption is complete
+    return info
+
+
+def _staged(cfg: RunConfig) -> bool:
+    return all(staging(cfg, p).exists("dataset/info.json") for p in range(cfg.parties))
+
+
+def _record_order(owner: Location, count: int, reuse: bool) -> np.ndarray[Any, Any]:
+    """The owner-private order of records: a CSPRNG permutation, never derived from --seed.
+
+    Parties see records in this order; with the source's order (an image folder sorted by
+    class) or a --seed shuffle they could tell the label from a record's position.
+    """
+    if reuse and owner.exists(_ORDER):
+        order = load_npz(owner, _ORDER)["order"]
+        if len(order) == count:
+            return order
+    keys = np.frombuffer(secrets.token_bytes(8 * count), dtype=np.uint64)
+    order = np.argsort(keys, kind="stable")
+    owner.write_bytes(_ORDER, _npz(order=order))
+    return order
+
+
+def _stage_dataset(cfg: RunConfig, ds: data.Dataset, order: np.ndarray[Any, Any]) -> dict[str, Any]:
+    """Encode, split and stage the records in `order`; keep the plaintext splits private."""
+    x_raw, y_train = ds.x_train[order], ds.y_train[order]
     scaler = (
-        data.Standardizer.fit(ds.x_train)
+        data.Standardizer.fit(x_raw)
         if cfg.standardize
         else data.Standardizer.identity(ds.sample_shape)
     )
-    x_train = scaler.apply(ds.x_train)
+    x_train = scaler.apply(x_raw)
     records = np.concatenate(
-        [x_train.reshape(len(x_train), -1), data.one_hot(ds.y_train, ds.num_classes)], axis=1
+        [x_train.reshape(len(x_train), -1), data.one_hot(y_train, ds.num_classes)], axis=1
     )
     encoded = sharing.encode(records, cfg.precision_bits)
     share0, seed_shares = sharing.split(encoded, cfg.parties)
@@ -65,8 +124,8 @@ def encrypt_dataset(cfg: RunConfig) -> dict[str, Any]:
         staging(cfg, party).write_json(
             "dataset/info.json", {**info, "format": "keystream", "seed_share": seed_share.to_json()}
         )
-    private = _save_private(cfg, ds, scaler, x_train)
-    return {**info, "order_seed": private["order_seed"]}
+    _save_private(cfg, ds, scaler, x_train, y_train)
+    return info
 
 
 def _clear(loc: Location, prefix: str) -> None:
@@ -81,7 +140,6 @@ def _dataset_info(ds: data.Dataset, record_words: int) -> dict[str, Any]:
         "record_words": record_words,
         "sample_shape": list(ds.sample_shape),
         "num_classes": ds.num_classes,
-        "test_count": len(ds.x_test),
     }
 
 
@@ -97,17 +155,18 @@ def _write_shards(loc: Location, share: np.ndarray[Any, Any]) -> None:
 
 
 def _save_private(
-    cfg: RunConfig, ds: data.Dataset, scaler: data.Standardizer, x_train: np.ndarray[Any, Any]
-) -> dict[str, Any]:
+    cfg: RunConfig,
+    ds: data.Dataset,
+    scaler: data.Standardizer,
+    x_train: np.ndarray[Any, Any],
+    y_train: np.ndarray[Any, Any],
+) -> None:
     owner = owner_location(cfg)
-    # The batch order is public to parties; it comes from its own random seed so that it says
-    # nothing about --seed (which also fixes the secret initial weights).
-    meta = {"order_seed": secrets.randbits(62), "classes": ds.classes}
-    owner.write_bytes("private/train.npz", _npz(x=x_train, y=ds.y_train))
+    # The training split in record order: the plaintext shadow replays the parties' batches.
+    owner.write_bytes("private/train.npz", _npz(x=x_train, y=y_train))
     owner.write_bytes("private/test.npz", _npz(x=scaler.apply(ds.x_test), y=ds.y_test))
     owner.write_bytes("private/scaler.npz", _npz(mean=scaler.mean, scale=scaler.scale))
-    owner.write_json("private/dataset.json", meta)
-    return meta
+    owner.write_json("private/dataset.json", {"classes": ds.classes})
 
 
 def _npz(**arrays: np.ndarray[Any, Any]) -> bytes:
@@ -136,50 +195,85 @@ def model_kwargs(cfg: RunConfig, sample_shape: list[int], num_classes: int) -> d
 
 
 def encrypt_model(cfg: RunConfig) -> dict[str, Any]:
-    """Share the initial parameters per party as safetensors; the factory is named, not pickled."""
-    ds = data.load(cfg.dataset, cfg.test_fraction, cfg.seed, cfg.max_samples)
-    kwargs = model_kwargs(cfg, list(ds.sample_shape), ds.num_classes)
+    """Share the initial parameters per party as safetensors; the factory is named, not pickled.
+
+    Shapes come from the run record that encrypt_dataset wrote: the data is not loaded again.
+    """
+    owner = owner_location(cfg)
+    state = runstate.require(owner, cfg.run_id)
+    runstate.check_settings(state, cfg)
+    shape, classes = list(state.dataset["sample_shape"]), int(state.dataset["num_classes"])
+    kwargs = model_kwargs(cfg, shape, classes)
     model = models.build(cfg.model, kwargs, cfg.seed)
-    _check_forward(model, ds, cfg.model)
-    state = {k: v.detach().double() for k, v in model.state_dict().items() if v.is_floating_point()}
-    owner_location(cfg).write_bytes(
+    _check_forward(model, tuple(shape), classes, cfg.model)
+    params = {
+        k: v.detach().double() for k, v in model.state_dict().items() if v.is_floating_point()
+    }
+    owner.write_bytes(
         "private/initial.safetensors",
-        save_safetensors({k: v.float().contiguous() for k, v in state.items()}),
+        save_safetensors({k: v.float().contiguous() for k, v in params.items()}),
     )
-    per_party: list[dict[str, torch.Tensor]] = [{} for _ in range(cfg.parties)]
-    for name, tensor in state.items():
-        shares = sharing.split_full(sharing.encode(tensor.numpy(), cfg.precision_bits), cfg.parties)
-        for party, share in enumerate(shares):
-            per_party[party][name] = torch.from_numpy(share).contiguous()
     spec = {
         "factory": cfg.model,
         "kwargs": kwargs,
-        "sample_shape": list(ds.sample_shape),
-        "num_classes": ds.num_classes,
-        "parameters": {k: list(v.shape) for k, v in state.items()},
+        "sample_shape": shape,
+        "num_classes": classes,
+        "parameters": {k: list(v.shape) for k, v in params.items()},
     }
-    for party, tensors in enumerate(per_party):
+    owner.write_json(MODEL_SPEC, spec)
+    for party, tensors in enumerate(_split_parameters(params, cfg)):
         staging(cfg, party).write_bytes("model/params.safetensors", save_safetensors(tensors))
         staging(cfg, party).write_json("model/spec.json", spec)
-    return {"parameters": len(state), "values": sum(v.numel() for v in state.values())}
+    return {"parameters": len(params), "values": sum(v.numel() for v in params.values())}
 
 
-def _check_forward(model: torch.nn.Module, ds: data.Dataset, reference: str) -> None:
+def _split_parameters(
+    params: dict[str, torch.Tensor], cfg: RunConfig
+) -> list[dict[str, torch.Tensor]]:
+    per_party: list[dict[str, torch.Tensor]] = [{} for _ in range(cfg.parties)]
+    for name, tensor in params.items():
+        shares = sharing.split_full(sharing.encode(tensor.numpy(), cfg.precision_bits), cfg.parties)
+        for party, share in enumerate(shares):
+            per_party[party][name] = torch.from_numpy(share).contiguous()
+    return per_party
+
+
+def _check_forward(
+    model: torch.nn.Module, shape: tuple[int, ...], classes: int, reference: str
+) -> None:
     """Fail on the owner, before any upload, if the model does not fit the data."""
-    x = torch.zeros((2, *ds.sample_shape))
+    x = torch.zeros((2, *shape))
     try:
         with torch.no_grad():
             out = model.eval()(x)
     except RuntimeError as exc:
         raise ConfigError(
-            f"--model {reference}: a forward pass on samples of shape {ds.sample_shape} failed: "
+            f"--model {reference}: a forward pass on samples of shape {shape} failed: "
             f"{str(exc)[:300]}; adjust --model-kwargs"
         ) from exc
-    if tuple(out.shape) != (2, ds.num_classes):
+    if tuple(out.shape) != (2, classes):
         raise ConfigError(
             f"--model {reference}: output shape {tuple(out.shape[1:])} but the data has "
-            f"{ds.num_classes} classes; adjust --model-kwargs"
+            f"{classes} classes; adjust --model-kwargs"
         )
+
+
+def train_job(cfg: RunConfig) -> TrainJob:
+    """The public part of a run's settings that the parties receive (from the run record)."""
+    state = runstate.require(owner_location(cfg), cfg.run_id)
+    runstate.check_settings(state, cfg)
+    return TrainJob(
+        run_id=cfg.run_id,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        loss=cfg.loss,
+        precision_bits=cfg.precision_bits,
+        order_seed=state.order_seed,
+        settings_hash=state.tag,
+        device=cfg.device,
+        timeout_s=cfg.timeout_s,
+    )
 
 
 # --------------------------------------------------------------------------------- upload

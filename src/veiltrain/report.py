@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from veiltrain import checkpoints, data, models, sharing
+from veiltrain import checkpoints, data, models, runstate, sharing
 from veiltrain.config import RunConfig
 from veiltrain.errors import IntegrityError
-from veiltrain.owner import load_npz, owner_location, party_location
+from veiltrain.owner import MODEL_SPEC, load_npz, owner_location, party_location
 from veiltrain.store import Location
 
 
@@ -28,25 +28,30 @@ class Reconstruction:
     state: dict[str, torch.Tensor]
 
 
-def common_epoch(cfg: RunConfig) -> int:
-    """Newest epoch for which every party has a complete checkpoint of this run."""
-    ident = checkpoints.Identity(cfg.run_id, cfg.training_hash())
-    epoch = min(
-        checkpoints.latest(party_location(cfg, p), ident, cfg.epochs) for p in range(cfg.parties)
+def _identity(cfg: RunConfig) -> checkpoints.Identity:
+    state = runstate.require(owner_location(cfg), cfg.run_id)
+    return checkpoints.Identity(cfg.run_id, state.tag)
+
+
+def common_epoch(cfg: RunConfig, ident: checkpoints.Identity) -> tuple[int, list[dict[int, int]]]:
+    """Newest epoch whose checkpoints every party holds from one attempt, verified by hash."""
+    locations = [party_location(cfg, p) for p in range(cfg.parties)]
+    tables = [checkpoints.candidates(loc, ident, cfg.epochs) for loc in locations]
+    for epoch in checkpoints.common(tables):
+        if all(checkpoints.verified(loc, epoch, ident) for loc in locations):
+            return epoch, tables
+    raise IntegrityError(
+        f"no complete checkpoint of run {cfg.run_id} from one training attempt in every party "
+        f"store ({', '.join(cfg.stores())}); run the train stage"
     )
-    if epoch == 0:
-        raise IntegrityError(
-            f"no complete checkpoint of run {cfg.run_id} with these settings in every party store "
-            f"({', '.join(cfg.stores())}); run the train stage"
-        )
-    return epoch
 
 
 def reconstruct(cfg: RunConfig) -> Reconstruction:
     """Sum every party's loss and parameter shares (mod 2^64) and decode."""
-    epoch = common_epoch(cfg)
-    ident = checkpoints.Identity(cfg.run_id, cfg.training_hash())
-    parties = [_party_shares(party_location(cfg, p), ident, epoch) for p in range(cfg.parties)]
+    ident = _identity(cfg)
+    epoch, tables = common_epoch(cfg, ident)
+    attempts = [_attempt_of(tables, e, cfg.run_id) for e in range(1, epoch + 1)]
+    parties = [_party_shares(party_location(cfg, p), ident, attempts) for p in range(cfg.parties)]
     losses = _decode([p[0] for p in parties], cfg.precision_bits)
     state = {
         name: torch.from_numpy(_decode([p[1][name].numpy() for p in parties], cfg.precision_bits))
@@ -57,25 +62,40 @@ def reconstruct(cfg: RunConfig) -> Reconstruction:
     )
 
 
+def _attempt_of(tables: list[dict[int, int]], epoch: int, run_id: str) -> int:
+    """The one attempt every party's epoch checkpoint came from; mixed attempts are refused."""
+    attempts = {table.get(epoch) for table in tables}
+    if len(attempts) != 1 or None in attempts:
+        raise IntegrityError(
+            f"run {run_id}, epoch {epoch}: the party stores hold checkpoints of different "
+            "training attempts (or one is missing); their shares cannot be combined: re-run "
+            "the train stage"
+        )
+    return int(attempts.pop() or 0)
+
+
 def _decode(shares: list[np.ndarray[Any, Any]], precision_bits: int) -> np.ndarray[Any, Any]:
     return sharing.decode(sharing.reconstruct(shares), precision_bits)
 
 
 def _party_shares(
-    loc: Location, ident: checkpoints.Identity, last: int
+    loc: Location, ident: checkpoints.Identity, attempts: list[int]
 ) -> tuple[np.ndarray[Any, Any], dict[str, torch.Tensor]]:
-    """One party's loss shares of epochs 1..last and its parameter shares after `last`."""
+    """One party's loss shares of epochs 1..last and its parameter shares after the last."""
     losses = [
-        load_safetensors(checkpoints.read(loc, e, "losses.safetensors", ident))["loss"]
-        for e in range(1, last + 1)
+        load_safetensors(checkpoints.read(loc, e, "losses.safetensors", ident, a))["loss"]
+        for e, a in enumerate(attempts, start=1)
     ]
-    params = load_safetensors(checkpoints.read(loc, last, "params.safetensors", ident))
+    last = len(attempts)
+    params = load_safetensors(
+        checkpoints.read(loc, last, "params.safetensors", ident, attempts[-1])
+    )
     return torch.cat(losses).numpy(), params
 
 
 def restore_model(cfg: RunConfig, state: dict[str, torch.Tensor]) -> torch.nn.Module:
     """A plain PyTorch model with the decrypted parameters (integer buffers keep their init)."""
-    spec = owner_location(cfg).child("staging/party-0").read_json("model/spec.json")
+    spec = owner_location(cfg).read_json(MODEL_SPEC)
     model = models.build(spec["factory"], spec["kwargs"], cfg.seed)
     merged = {**model.state_dict(), **state}
     model.load_state_dict(merged)
@@ -98,7 +118,7 @@ def shadow_training(
     initial = load_safetensors(owner.read_bytes("private/initial.safetensors"))
     model = restore_model(cfg, initial).train()
     x, y = torch.from_numpy(train["x"]).float(), torch.from_numpy(train["y"])
-    classes = int(owner.child("staging/party-0").read_json("dataset/info.json")["num_classes"])
+    classes = int(runstate.require(owner, cfg.run_id).dataset["num_classes"])
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
     losses = []
     steps = math.ceil(len(x) / cfg.batch_size)
@@ -148,7 +168,7 @@ def build_report(cfg: RunConfig, stage_seconds: dict[str, float]) -> dict[str, A
     rec = reconstruct(cfg)
     test = load_npz(owner, "private/test.npz")
     model = restore_model(cfg, rec.state)
-    order_seed = int(owner.read_json("private/dataset.json")["order_seed"])
+    order_seed = runstate.require(owner, cfg.run_id).order_seed  # what the parties were given
     shadow, plain = shadow_training(cfg, order_seed, rec.epochs)
     acc, plain_acc = accuracy(model, test["x"], test["y"]), accuracy(shadow, test["x"], test["y"])
     report = {

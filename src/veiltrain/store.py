@@ -21,6 +21,15 @@ MAX_JSON_BYTES = 64 << 20
 """Manifests and checkpoint records are small; refuse to parse anything larger."""
 
 
+ENDPOINT_VARIABLE = "VEILTRAIN_S3_ENDPOINT_URL"
+
+
+def credential_variables(role: str) -> tuple[str, str]:
+    """One role's access-key and secret-key variable names ('party-0': VEILTRAIN_PARTY_0_...)."""
+    prefix = "VEILTRAIN_" + role.upper().replace("-", "_")
+    return prefix + "_ACCESS_KEY", prefix + "_SECRET_KEY"
+
+
 def s3_options(role: str) -> dict[str, Any]:
     """Storage options for one role ('owner', 'party-0', ...), read from its environment.
 
@@ -28,7 +37,7 @@ def s3_options(role: str) -> dict[str, Any]:
     VEILTRAIN_<ROLE>_ACCESS_KEY / VEILTRAIN_<ROLE>_SECRET_KEY (ROLE like PARTY_0), and the shared
     VEILTRAIN_S3_ENDPOINT_URL; without them s3fs falls back to its usual credential chain.
     """
-    prefix = "VEILTRAIN_" + role.upper().replace("-", "_")
+    key_name, secret_name = credential_variables(role)
     options: dict[str, Any] = {
         "skip_instance_cache": True,
         "config_kwargs": {
@@ -37,10 +46,10 @@ def s3_options(role: str) -> dict[str, Any]:
             "retries": {"max_attempts": 3, "mode": "standard"},
         },
     }
-    key, secret = os.environ.get(prefix + "_ACCESS_KEY"), os.environ.get(prefix + "_SECRET_KEY")
+    key, secret = os.environ.get(key_name), os.environ.get(secret_name)
     if key and secret:
         options.update(key=key, secret=secret)
-    endpoint = os.environ.get("VEILTRAIN_S3_ENDPOINT_URL")
+    endpoint = os.environ.get(ENDPOINT_VARIABLE)
     if endpoint:
         options["endpoint_url"] = endpoint
     return options
@@ -210,3 +219,26 @@ def check_objects(
             raise IntegrityError(
                 f"{loc.url}/{name}: SHA-256 differs from its manifest; re-run upload"
             )
+
+
+def download_verified(loc: Location, name: str, meta: Mapping[str, Any], folder: str) -> str:
+    """Copy an object to a local file while hashing it; refuse it unless it matches `meta`.
+
+    One streamed read both verifies an object against its manifest and gives a local copy to
+    read records from, so a party never reads unverified bytes nor downloads them twice.
+    """
+    target = os.path.join(folder, name.replace("/", "_"))
+    digest = hashlib.sha256()
+    size = 0
+    with loc.open_read(name) as src, loc._errors(name), open(target, "wb") as out:
+        for block in iter(lambda: src.read(_CHUNK), b""):
+            digest.update(block)
+            size += len(block)
+            out.write(block)
+    if size != meta["size"] or digest.hexdigest() != meta["sha256"]:
+        os.unlink(target)
+        raise IntegrityError(
+            f"{loc.url}/{name} ({loc.role}): {size} bytes that do not match its manifest "
+            "(size or SHA-256); the store copy is corrupt or was replaced: re-run upload"
+        )
+    return target

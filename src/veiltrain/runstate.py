@@ -1,0 +1,162 @@
+"""The owner's private record of a run: its key, data fingerprint, settings and their keyed tag.
+
+A run is encrypted once. Everything that changes training (data, split, scaling, model, batch,
+learning rate, loss, parties, precision, seed) is fixed by its first encryption; a later stage or
+resume with the same run id must match it, or it is refused. Parties only ever see `tag`, an
+HMAC under a 256-bit owner-private key: an unkeyed hash of public settings plus `--seed` gave the
+seed back in under a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from veiltrain.config import RunConfig
+from veiltrain.data import Dataset
+from veiltrain.errors import ConfigError, IntegrityError
+from veiltrain.store import Location
+
+RECORD = "private/run.json"
+KEY_BYTES = 32
+TRAINING_OPTIONS = (
+    "dataset",
+    "max_samples",
+    "test_fraction",
+    "standardize",
+    "seed",
+    "model",
+    "model_kwargs",
+    "batch_size",
+    "lr",
+    "loss",
+    "parties",
+    "precision_bits",
+)
+"""Options that change what is trained; `epochs` may grow on a resume, the rest is operational."""
+
+
+@dataclass(frozen=True)
+class RunState:
+    """What the owner fixed when it first encrypted a run (stored under OWNER/private/)."""
+
+    run_id: str
+    key: bytes
+    fingerprint: str
+    settings: dict[str, Any]
+    order_seed: int
+    dataset: dict[str, Any]
+
+    @property
+    def tag(self) -> str:
+        """The keyed settings tag parties carry in their job and checkpoints."""
+        body = {
+            "run_id": self.run_id,
+            "settings": self.settings,
+            "fingerprint": self.fingerprint,
+            "order_seed": self.order_seed,
+        }
+        return hmac.new(self.key, _canonical(body), hashlib.sha256).hexdigest()
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as stored (owner-private: it holds the key)."""
+        return {
+            "run_id": self.run_id,
+            "key": self.key.hex(),
+            "fingerprint": self.fingerprint,
+            "settings": self.settings,
+            "order_seed": self.order_seed,
+            "dataset": self.dataset,
+        }
+
+    @classmethod
+    def from_json(cls, value: Any, where: str) -> RunState:
+        """Parse a stored record, naming it when malformed."""
+        try:
+            return cls(
+                run_id=str(value["run_id"]),
+                key=bytes.fromhex(value["key"]),
+                fingerprint=str(value["fingerprint"]),
+                settings=dict(value["settings"]),
+                order_seed=int(value["order_seed"]),
+                dataset=dict(value["dataset"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise IntegrityError(f"{where}: malformed run record ({exc!r})") from exc
+
+
+def _canonical(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+
+
+def settings_of(cfg: RunConfig) -> dict[str, Any]:
+    """The training options of a config, with a local data path made absolute."""
+    settings = {name: getattr(cfg, name) for name in TRAINING_OPTIONS}
+    if cfg.dataset != "digits":
+        settings["dataset"] = str(Path(cfg.dataset).expanduser().resolve())
+    return json.loads(_canonical(settings))  # type: ignore[no-any-return]  # JSON round trip
+
+
+def fingerprint(key: bytes, ds: Dataset) -> str:
+    """Keyed digest of the plaintext split: detects a changed data source, reveals nothing."""
+    mac = hmac.new(key, digestmod=hashlib.sha256)
+    for array in (ds.x_train, ds.y_train, ds.x_test, ds.y_test):
+        contiguous = np.ascontiguousarray(array)
+        mac.update(_canonical([str(contiguous.dtype), list(contiguous.shape)]))
+        mac.update(contiguous.tobytes())
+    mac.update(_canonical(ds.classes))
+    return mac.hexdigest()
+
+
+def new_key() -> bytes:
+    """A fresh owner-private run key from the OS CSPRNG."""
+    return secrets.token_bytes(KEY_BYTES)
+
+
+def load(owner: Location) -> RunState | None:
+    """The run record in an owner store, or None before the first encryption."""
+    if not owner.exists(RECORD):
+        return None
+    return RunState.from_json(owner.read_json(RECORD), f"{owner.url}/{RECORD}")
+
+
+def require(owner: Location, run_id: str) -> RunState:
+    """The run record, or an error saying which stage to run first."""
+    state = load(owner)
+    if state is None:
+        raise ConfigError(
+            f"{owner.url}: run {run_id} has not been encrypted here; run encrypt_dataset first"
+        )
+    return state
+
+
+def save(owner: Location, state: RunState) -> None:
+    """Write the record (atomically) into owner state."""
+    owner.write_json(RECORD, state.to_json())
+
+
+def check_settings(state: RunState, cfg: RunConfig) -> None:
+    """Refuse a config whose training options differ from what the run was encrypted with."""
+    now = settings_of(cfg)
+    changed = [name for name in TRAINING_OPTIONS if state.settings.get(name) != now[name]]
+    if state.run_id != cfg.run_id:
+        raise ConfigError(
+            f"owner store holds run {state.run_id!r}, not {cfg.run_id!r}; give each run its own "
+            "--owner-store (the default OUT/owner does)"
+        )
+    if changed:
+        lines = [
+            f"--{name.replace('_', '-')}: was {state.settings.get(name)!r}, now {now[name]!r}"
+            for name in changed
+        ]
+        raise ConfigError(
+            f"run {cfg.run_id} was encrypted with other training options; resume it with the "
+            "same options or start a new run (a new --run-id):\n  " + "\n  ".join(lines)
+        )

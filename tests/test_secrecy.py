@@ -1,0 +1,196 @@
+"""Attacks by one compute party on what it legitimately receives, and the owner-side fixes.
+
+Each test carries out the attack (brute force of a small secret behind an unkeyed hash, label
+guessing from record position, a resume on changed data or options) and shows it learns nothing
+or is refused. The protocol-randomness and process-isolation attacks live in test_mpc.py and
+test_isolation.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from veiltrain import data, owner, runstate
+from veiltrain.config import RunConfig, load_config
+from veiltrain.errors import ConfigError
+from veiltrain.store import Location
+
+QUICK = {"max_samples": 120, "batch_size": 32, "test_fraction": 0.25}
+
+
+def _config(out: Path, **options: Any) -> RunConfig:
+    return load_config(**{**QUICK, "out": str(out), **options}).resolved()
+
+
+def _encrypted(out: Path, **options: Any) -> RunConfig:
+    cfg = _config(out, **options)
+    owner.encrypt_dataset(cfg)
+    owner.encrypt_model(cfg)
+    owner.upload(cfg)
+    return cfg
+
+
+# ----------------------------------------------------------------- 2. the settings tag
+
+
+_PUBLIC = (
+    "run_id",
+    "model",
+    "model_kwargs",
+    "batch_size",
+    "lr",
+    "loss",
+    "parties",
+    "precision_bits",
+)
+
+
+def _unkeyed(cfg: RunConfig, seed: int) -> str:
+    """The old settings hash: SHA-256 of what a party knows plus --seed."""
+    fields = {k: getattr(cfg, k) for k in _PUBLIC} | {"seed": seed}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def _search(cfg: RunConfig, seen: set[str], seeds: range) -> int | None:
+    """The attack: hash the public settings with every small seed, look for a match."""
+    return next((s for s in seeds if _unkeyed(cfg, s) in seen), None)
+
+
+def _strings(value: Any) -> set[str]:
+    if isinstance(value, dict):
+        return set().union(*(_strings(v) for v in value.values()), set(map(str, value)))
+    if isinstance(value, list):
+        return set().union(set(), *(_strings(v) for v in value))
+    return {str(value)}
+
+
+def _party_view(cfg: RunConfig, party: int) -> set[str]:
+    """Every string a party receives: its job and every JSON object in its store."""
+    loc = Location(cfg.stores()[party])
+    seen = _strings(json.loads(owner.train_job(cfg).to_json()))
+    for name in loc.list():
+        if name.endswith(".json"):
+            seen |= _strings(loc.read_json(name))
+    return seen
+
+
+def test_the_seed_search_finds_an_unkeyed_settings_hash(tmp_path: Path) -> None:
+    cfg = _config(tmp_path / "run", seed=4242)
+    assert _search(cfg, {_unkeyed(cfg, 4242)}, range(10_000)) == 4242
+
+
+def test_parties_see_only_a_keyed_tag_that_no_seed_search_matches(tmp_path: Path) -> None:
+    same = {"seed": 4242, "run_id": "same-run"}
+    first = _encrypted(tmp_path / "a", **same)
+    second = _encrypted(tmp_path / "b", **same)  # identical options, another owner store
+    tags = [owner.train_job(cfg).settings_hash for cfg in (first, second)]
+    assert tags[0] != tags[1] and all(len(t) == 64 for t in tags)
+    for party in range(2):
+        assert _search(first, _party_view(first, party), range(10_000)) is None
+    assert "4242" not in _party_view(first, 0) | _party_view(first, 1)
+
+
+# ------------------------------------------------------------ 3. record order and labels
+
+
+def _class_sorted_npz(path: Path, classes: int = 4, per_class: int = 60) -> Path:
+    rng = np.random.default_rng(1)
+    y = np.repeat(np.arange(classes), per_class)  # sorted by class, like an image folder
+    x = rng.normal(size=(len(y), 1, 4, 4)) + y[:, None, None, None]
+    np.savez(path, x=x, y=y)
+    return path
+
+
+def test_record_position_tells_a_party_nothing_about_labels(tmp_path: Path) -> None:
+    source = _class_sorted_npz(tmp_path / "sorted.npz")
+    cfg = _encrypted(tmp_path / "run", dataset=str(source), max_samples=None, test_fraction=0.2)
+    # The attacker knows the source is class-sorted, the default --seed and the code: it replays
+    # the owner's loading and guesses each record's label from its position.
+    replay = data.load(str(source), 0.2, 0, None)
+    guess = replay.y_train
+    truth = owner.load_npz(Location(cfg.owner_store), "private/train.npz")["y"]
+    assert len(guess) == len(truth) == 192
+    accuracy = float(np.mean(guess == truth))
+    assert accuracy < 0.25 + 0.15, accuracy  # chance is 1/4; before the fix it was 100 %
+    info = Location(cfg.stores()[0]).read_json("dataset/info.json")
+    assert "test_count" not in info
+
+
+def test_the_record_order_is_drawn_afresh_for_every_run(tmp_path: Path) -> None:
+    source = _class_sorted_npz(tmp_path / "sorted.npz")
+    orders = []
+    for name in ("a", "b"):
+        cfg = _encrypted(tmp_path / name, dataset=str(source), max_samples=None, seed=0)
+        orders.append(owner.load_npz(Location(cfg.owner_store), "private/record_order.npz"))
+    assert not np.array_equal(orders[0]["order"], orders[1]["order"])
+
+
+# ------------------------------------------------------ 6. one encryption per run id
+
+
+_CHANGES = {
+    "max_samples": 110,
+    "test_fraction": 0.3,
+    "standardize": False,
+    "seed": 1,
+    "model": "resnet18",
+    "model_kwargs": {"width": 8},
+    "batch_size": 16,
+    "lr": 0.05,
+    "loss": "mse",
+    "parties": 3,
+    "precision_bits": 20,
+}
+
+
+@pytest.mark.parametrize("option", sorted(_CHANGES))
+def test_a_rerun_with_other_training_options_is_refused(tmp_path: Path, option: str) -> None:
+    cfg = _encrypted(tmp_path / "run", run_id="fixed")
+    changed = _config(tmp_path / "run", run_id="fixed", **{option: _CHANGES[option]})
+    flag = "--" + option.replace("_", "-")
+    for stage in (owner.encrypt_dataset, owner.encrypt_model, owner.train_job):
+        with pytest.raises(ConfigError, match=flag):
+            stage(changed)
+    assert owner.train_job(cfg).settings_hash  # the original run is untouched
+
+
+def test_every_training_option_is_covered() -> None:
+    assert set(_CHANGES) | {"dataset"} == set(runstate.TRAINING_OPTIONS)
+
+
+def test_a_rerun_on_another_data_set_is_refused(tmp_path: Path) -> None:
+    source = _class_sorted_npz(tmp_path / "sorted.npz")
+    _encrypted(tmp_path / "run", run_id="fixed")
+    changed = _config(tmp_path / "run", run_id="fixed", dataset=str(source))
+    with pytest.raises(ConfigError, match="--dataset"):
+        owner.encrypt_dataset(changed)
+
+
+def test_changed_contents_of_the_same_data_file_are_refused(tmp_path: Path) -> None:
+    source = _class_sorted_npz(tmp_path / "data.npz")
+    cfg = _encrypted(tmp_path / "run", dataset=str(source), max_samples=None)
+    with np.load(source) as npz:
+        x, y = npz["x"], npz["y"]
+    np.savez(source, x=x + 0.5, y=y)
+    with pytest.raises(ConfigError, match="data changed"):
+        owner.encrypt_dataset(cfg)
+
+
+def test_a_rerun_reuses_the_encryption(tmp_path: Path) -> None:
+    cfg = _encrypted(tmp_path / "run", run_id="fixed")
+    job = owner.train_job(cfg)
+    party0 = Location(cfg.stores()[0])
+    shards = {n: party0.sha256(n) for n in party0.list("dataset")}
+    longer = _config(tmp_path / "run", run_id="fixed", epochs=9, timeout_s=30)
+    owner.encrypt_dataset(longer)
+    owner.upload(longer)
+    assert {n: party0.sha256(n) for n in party0.list("dataset")} == shards
+    again = owner.train_job(longer)
+    assert (again.order_seed, again.settings_hash) == (job.order_seed, job.settings_hash)
+    assert again.epochs == 9  # more epochs is a resume, not a new run
