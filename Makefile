@@ -41,6 +41,7 @@ test: lint typecheck unit
 
 bench: venv
 	$(BIN)/python bench/bench_sharing.py --out bench/results/sharing.json
+	$(BIN)/python bench/bench_rng.py --out bench/results/rng.json
 
 clean:
 	rm -rf $(VENV) .prefect .mypy_cache .ruff_cache .pytest_cache .hypothesis

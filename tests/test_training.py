@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -89,3 +90,14 @@ def test_checkpoints_of_different_attempts_are_never_combined(tmp_path: Path) ->
     assert _starts(_train(cfg, job)) == {2}  # resumed from epoch 1, the newest agreed
     result = report.build_report(cfg, {})
     assert result["epochs"] == 2 and result["max_loss_gap"] < 0.05
+
+
+def test_training_completes_when_torch_generators_are_trapped(tmp_path: Path) -> None:
+    """Every process, dealer included, raises on any protocol draw from a torch generator."""
+    cfg, job = _prepared(tmp_path, epochs=1)
+    trap = [sys.executable, str(Path(__file__).with_name("trap_party.py"))]
+    events: list[dict[str, Any]] = []
+    launch.run_local(cfg.stores(), job, events.append, entry=trap)
+    assert [e for e in events if e["event"] == "step"]
+    result = report.build_report(cfg, {})
+    assert result["max_loss_gap"] < 0.05  # parity with plaintext unchanged
