@@ -13,7 +13,7 @@ import pytest
 
 from seaweed import PARTY_BUCKETS, S3Server
 from veiltrain.errors import ConfigError, IntegrityError, StoreError
-from veiltrain.store import Location, check_objects, s3_options, sha256_bytes
+from veiltrain.store import Location, check_objects, download_verified, s3_options, sha256_bytes
 
 ENV_NAMES = (
     "VEILTRAIN_PARTY_0_ACCESS_KEY",
@@ -268,3 +268,26 @@ def test_s3_location_takes_credentials_from_the_environment(
     other = Location(_prefix(PARTY_BUCKETS["party-1"]), role="party-0")
     with pytest.raises(StoreError, match="access denied"):
         other.write_bytes("x.bin", b"x")
+
+
+def _download_check(loc: Location, tmp_path: Path) -> None:
+    blob = b"shard bytes " * 1000
+    loc.write_bytes("dataset/shard-00000.ffr", blob)
+    meta = {"size": len(blob), "sha256": sha256_bytes(blob)}
+    folder = tmp_path / "spool"
+    folder.mkdir()
+    path = download_verified(loc, "dataset/shard-00000.ffr", meta, str(folder))
+    assert Path(path).read_bytes() == blob
+    loc.write_bytes("dataset/shard-00000.ffr", blob[:-1] + b"X")  # same size, other bytes
+    with pytest.raises(IntegrityError, match="shard-00000.ffr.*manifest"):
+        download_verified(loc, "dataset/shard-00000.ffr", meta, str(folder))
+    assert not list(folder.iterdir())  # unverified bytes are never left behind to be read
+
+
+def test_download_is_verified_while_it_streams(loc: Location, tmp_path: Path) -> None:
+    _download_check(loc, tmp_path)
+
+
+@pytest.mark.s3
+def test_download_from_s3_is_verified_while_it_streams(s3_party0: Location, tmp_path: Path) -> None:
+    _download_check(s3_party0, tmp_path)

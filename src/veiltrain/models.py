@@ -113,8 +113,10 @@ def build(reference: str, kwargs: Mapping[str, Any], seed: int) -> nn.Module:
     """Call the factory with a fixed torch seed (initial weights are reproducible for the owner)."""
     factory = resolve(reference)
     try:
-        # Fork the global generator: CrypTen's dealer draws its seeds from it, so it must keep
-        # its random start-up state rather than a seed someone could guess.
+        # A torch seed is fine here: it fixes the owner's initial weights for reproducibility and
+        # protects nothing (parties hold uniform shares of them whatever they are; every mask and
+        # protocol draw comes from veiltrain.sharing / veiltrain.protocol). Forked, so the
+        # caller's global generator is left as it was.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = factory(**kwargs)

@@ -166,7 +166,6 @@ def _save_private(
     owner.write_bytes("private/train.npz", _npz(x=x_train, y=y_train))
     owner.write_bytes("private/test.npz", _npz(x=scaler.apply(ds.x_test), y=ds.y_test))
     owner.write_bytes("private/scaler.npz", _npz(mean=scaler.mean, scale=scaler.scale))
-    owner.write_json("private/dataset.json", {"classes": ds.classes})
 
 
 def _npz(**arrays: np.ndarray[Any, Any]) -> bytes:

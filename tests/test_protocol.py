@@ -1,0 +1,92 @@
+"""veiltrain.protocol in one process: keyed streams, draw functions, the dealer's request check."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from veiltrain import mpc, protocol  # mpc imports CrypTen, which installs the patches
+from veiltrain.errors import PartyError
+
+
+def test_one_key_gives_one_stream_whatever_the_call_sizes() -> None:
+    key = bytes(range(32))
+    a, b = protocol.KeyStream(key), protocol.KeyStream(key)
+    # Two holders of a key stay in lockstep even if one draws in other chunk sizes.
+    joined = torch.cat([a.words(3), a.words(5), a.words(1 << 18)])
+    assert torch.equal(joined, b.words(8 + (1 << 18)))
+    assert not torch.equal(protocol.KeyStream(bytes(32)).words(8), protocol.KeyStream(key).words(8))
+
+
+def test_keys_must_be_256_bits() -> None:
+    for size in (0, 8, 16, 31, 33):
+        with pytest.raises(ValueError, match="32 bytes"):
+            protocol.KeyStream(bytes(size))
+
+
+def test_words_are_uniform_bytes() -> None:
+    words = protocol.KeyStream.fresh().words(1 << 15).numpy()
+    assert chisquare(np.bincount(words.view(np.uint8), minlength=256)).pvalue > 1e-6
+    assert words.min() < -(2**62) and words.max() > 2**62  # the full signed range
+
+
+def test_draw_functions_follow_cryptens_signatures() -> None:
+    stream = protocol.KeyStream.fresh()
+    ring = protocol.random_ring_element(torch.Size([3, 4]), generator=stream, device="cpu")
+    assert ring.shape == (3, 4) and ring.dtype == torch.int64
+    bits = protocol.kbit_random_tensor((1000,), bitlength=1, generator=stream)
+    assert set(bits.unique().tolist()) == {0, 1}
+    small = protocol.kbit_random_tensor([500], bitlength=7, generator=stream)
+    assert int(small.min()) >= 0 and int(small.max()) < 128
+    floats = protocol.uniform_floats(2, 300, generator=stream)
+    assert floats.shape == (2, 300) and float(floats.min()) >= 0 and float(floats.max()) < 1
+    assert protocol.random_ring_element(5).shape == (5,)  # no generator: the private stream
+
+
+def test_torch_generators_are_refused_everywhere_cryptens_draws_go() -> None:
+    import crypten.common.rng as rng
+    from crypten.mpc.primitives import arithmetic, binary
+    from crypten.mpc.provider import tfp_provider, ttp_provider
+
+    assert mpc.MPCTensor is not None
+    for module in (rng, ttp_provider, tfp_provider, arithmetic):
+        assert module.generate_random_ring_element is protocol.random_ring_element
+    for module in (rng, ttp_provider, tfp_provider, binary):
+        assert module.generate_kbit_random_tensor is protocol.kbit_random_tensor
+    with pytest.raises(TypeError, match="32 bits"):
+        protocol.random_ring_element((4,), generator=torch.Generator())
+    # Dropout masks: CrypTen's gradients module sees a torch whose rand takes a KeyStream.
+    import crypten.gradients
+
+    seen = crypten.gradients.torch
+    assert seen.rand((2, 3), generator=protocol.KeyStream.fresh()).shape == (2, 3)
+    assert seen.zeros is torch.zeros
+    with pytest.raises(ValueError, match="Z/2\\^64"):
+        protocol.random_ring_element((4,), ring_size=2**32)
+
+
+def test_the_dealer_serves_only_cryptens_functions_and_products() -> None:
+    good = {"function": "additive", "device": None, "args": [[2], [2], "mul"], "kwargs": {}}
+    assert protocol.checked_request(good) == ("additive", [[2], [2], "mul"], {})
+    bad = [
+        "terminate-now",
+        {**good, "function": "__init__"},
+        {**good, "function": "_get_generators"},
+        {**good, "args": [[2], [2], "__import__"]},
+        {**good, "args": "not a list"},
+        {**good, "kwargs": []},
+    ]
+    for message in bad:
+        with pytest.raises(PartyError, match="the dealer"):
+            protocol.checked_request(message)
+
+
+def test_messages_are_json_with_a_size_cap() -> None:
+    value = {"function": "square", "args": [[3, 4]], "kwargs": {"stride": [1, 1]}}
+    assert protocol._decode(protocol._encode(value)) == value
+    with pytest.raises(PartyError, match="bytes"):
+        protocol._checked_length(torch.tensor(protocol.MAX_MESSAGE_BYTES + 1))
+    with pytest.raises(TypeError):
+        protocol._encode(object())  # nothing that JSON cannot carry: no pickles
