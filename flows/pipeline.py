@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
@@ -12,10 +12,15 @@ from prefect.runtime import flow_run
 from veiltrain.config import RunConfig, preflight
 from veiltrain.flows import stages
 
+P = ParamSpec("P")
+R = TypeVar("R")
 
-def _timed(seconds: dict[str, float], name: str, fn: Callable[..., Any], *args: Any) -> Any:
+
+def _timed(
+    seconds: dict[str, float], name: str, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs
+) -> R:
     started = time.monotonic()
-    result = fn(*args)
+    result = fn(*args, **kwargs)
     seconds[name] = round(time.monotonic() - started, 3)
     return result
 
@@ -39,7 +44,4 @@ def pipeline(config: RunConfig) -> dict[str, Any]:
     _timed(seconds, "encrypt_model", stages.encrypt_model, cfg)
     _timed(seconds, "upload", stages.upload, cfg)
     _timed(seconds, "train", stages.train, cfg, dataset["count"])
-    report: dict[str, Any] = _timed(
-        seconds, "decrypt_and_report", stages.decrypt_and_report, cfg, seconds
-    )
-    return report
+    return _timed(seconds, "decrypt_and_report", stages.decrypt_and_report, cfg, seconds)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -19,15 +18,15 @@ from prefect.artifacts import (
 
 from veiltrain import launch, owner, report
 from veiltrain.config import RunConfig
-from veiltrain.errors import StoreError
+from veiltrain.errors import is_transient
 from veiltrain.progress import TrainingProgress
-
-_TRANSIENT = (StoreError, TimeoutError, ConnectionError)
+from veiltrain.summary import summary_lines
 
 
 def transient_only(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry store hiccups and timeouts; never retry bad input or integrity failures."""
-    return isinstance(state.result(raise_on_failure=False), _TRANSIENT)
+    """Retry an unreachable or slow store only: a missing object, a denied credential, bad input
+    and integrity failures fail at once (a retry would fail the same way)."""
+    return is_transient(state.result(raise_on_failure=False))
 
 
 IO_RETRIES: dict[str, Any] = {
@@ -37,26 +36,26 @@ IO_RETRIES: dict[str, Any] = {
 }
 
 
-@task(name="split-dataset", **IO_RETRIES)
-def split_dataset(cfg: RunConfig) -> dict[str, Any]:
+@task(name="encrypt-dataset", **IO_RETRIES)
+def encrypt_dataset(cfg: RunConfig) -> dict[str, Any]:
     """Encode, split and stage the training set; the test split stays with the owner."""
     return owner.encrypt_dataset(cfg)
 
 
-@task(name="split-model", **IO_RETRIES)
-def split_model(cfg: RunConfig) -> dict[str, Any]:
+@task(name="encrypt-model", **IO_RETRIES)
+def encrypt_model(cfg: RunConfig) -> dict[str, Any]:
     """Share the initial parameters per party."""
     return owner.encrypt_model(cfg)
 
 
-@task(name="upload-shares", **IO_RETRIES)
-def upload_shares(cfg: RunConfig) -> dict[str, Any]:
+@task(name="upload", **IO_RETRIES)
+def upload(cfg: RunConfig) -> dict[str, Any]:
     """Copy staged shares to each party's store; the manifest goes last."""
     return owner.upload(cfg)
 
 
-@task(name="train-parties")
-def train_parties(cfg: RunConfig, total_steps: int) -> dict[str, Any]:
+@task(name="train")
+def train(cfg: RunConfig, total_steps: int) -> dict[str, Any]:
     """Run every party and the dealer; no retries here: a rerun resumes from checkpoints."""
     artifact: UUID = create_progress_artifact(  # type: ignore[assignment]  # sync in a task
         0.0, key=_key("progress"), description=f"training run {cfg.run_id} on shares"
@@ -72,8 +71,8 @@ def train_parties(cfg: RunConfig, total_steps: int) -> dict[str, Any]:
         return launch.run_local(cfg.stores(), owner.train_job(cfg), bar, logdir=f"{cfg.out}/logs")
 
 
-@task(name="decrypt-report")
-def decrypt_report(cfg: RunConfig, stage_seconds: dict[str, float]) -> dict[str, Any]:
+@task(name="decrypt-and-report")
+def decrypt_and_report(cfg: RunConfig, stage_seconds: dict[str, float]) -> dict[str, Any]:
     """Reconstruct on the owner, evaluate, compare with plaintext, publish artifacts."""
     result = report.build_report(cfg, stage_seconds)
     _publish(cfg, result)
@@ -99,23 +98,8 @@ def _publish(cfg: RunConfig, result: dict[str, Any]) -> None:
     )
 
 
-def _markdown(r: dict[str, Any], png_b64: str) -> str:
-    seconds = ", ".join(f"{k} {v:.1f} s" for k, v in r["stage_seconds"].items())
-    return "\n".join(
-        [
-            f"# veiltrain run `{r['run_id']}`",
-            f"- parties: {r['parties']}, epochs: {r['epochs']}, steps: {len(r['losses'])}",
-            f"- test accuracy (trained on shares): **{r['test_accuracy']:.2%}**",
-            f"- plaintext shadow accuracy: {r['plaintext_test_accuracy']:.2%}",
-            f"- largest loss gap (decrypted vs plaintext): {r['max_loss_gap']:.4f}",
-            f"- final loss: {r['losses'][-1]:.4f} (plaintext {r['plaintext_losses'][-1]:.4f})",
-            f"- stage seconds: {seconds}",
-            "",
-            f"![loss curves](data:image/png;base64,{png_b64})",
-        ]
-    )
-
-
-def steps_total(cfg: RunConfig, count: int) -> int:
-    """Training steps a run takes."""
-    return cfg.epochs * math.ceil(count / cfg.batch_size)
+def _markdown(result: dict[str, Any], png_b64: str) -> str:
+    headline, *facts = summary_lines(result)
+    bullets = [f"- {fact}" for fact in facts]
+    image = f"![loss curves](data:image/png;base64,{png_b64})"
+    return "\n".join([f"# {headline}", *bullets, "", image])

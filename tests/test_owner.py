@@ -12,12 +12,12 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from seaweed import PARTY_BUCKETS, S3Server
-from veiltrain import owner, sharing
+from veiltrain import contract, owner, sharing
 from veiltrain.config import RunConfig, load_config
 from veiltrain.data import one_hot
-from veiltrain.errors import IntegrityError, StoreError
-from veiltrain.party import PartyData
-from veiltrain.store import Location, sha256_bytes
+from veiltrain.errors import ConfigError, IntegrityError, StoreError
+from veiltrain.party_data import PartyData
+from veiltrain.store import Location, read_npz, sha256_bytes
 
 TOLERANCE = 2.0**-16
 
@@ -35,26 +35,26 @@ def _prepare(cfg: RunConfig) -> dict[str, Any]:
 
 
 def _parties(cfg: RunConfig) -> list[Location]:
-    return [owner.party_location(cfg, i) for i in range(cfg.parties)]
+    return [contract.party_location(cfg, i) for i in range(cfg.parties)]
 
 
 def _check_manifests(cfg: RunConfig, parties: list[Location]) -> None:
     for i, loc in enumerate(parties):
-        manifest = owner.read_manifest(loc)
-        assert manifest["format"] == owner.MANIFEST_FORMAT
-        assert manifest["version"] == owner.MANIFEST_VERSION
+        manifest = contract.read_manifest(loc).model_dump()
+        assert manifest["format"] == contract.MANIFEST_FORMAT
+        assert manifest["version"] == contract.MANIFEST_VERSION
         assert (manifest["run_id"], manifest["party"]) == (cfg.run_id, i)
         assert (manifest["parties"], manifest["precision_bits"]) == (cfg.parties, 16)
-        stored = [n for n in loc.list() if n != owner.MANIFEST]
+        stored = [n for n in loc.list() if n != contract.MANIFEST]
         assert sorted(manifest["objects"]) == stored
         for name, meta in manifest["objects"].items():
             assert meta == {"sha256": loc.sha256(name), "size": loc.size(name)}
 
 
 def _check_reconstruction(cfg: RunConfig, parties: list[Location]) -> None:
-    own = owner.owner_location(cfg)
-    train = owner.load_npz(own, "private/train.npz")
-    shares = [PartyData.in_store(loc, owner.read_manifest(loc)["objects"]) for loc in parties]
+    own = contract.owner_location(cfg)
+    train = read_npz(own, "private/train.npz")
+    shares = [PartyData.in_store(loc, contract.read_manifest(loc).table()) for loc in parties]
     count = len(train["x"])
     assert all(s.count == count for s in shares)
     idx = np.random.default_rng(0).permutation(count)[:37]
@@ -103,10 +103,10 @@ def test_second_upload_uploads_nothing(tmp_path: Path) -> None:
     cfg = _config(tmp_path, 2)
     first = _prepare(cfg)
     locs = _parties(cfg)
-    before = [loc.read_bytes(owner.MANIFEST) for loc in locs]
+    before = [loc.read_bytes(contract.MANIFEST) for loc in locs]
     second = owner.upload(cfg)
     assert second == {"uploaded": 0, "skipped": first["uploaded"], "bytes": 0}
-    assert [loc.read_bytes(owner.MANIFEST) for loc in locs] == before
+    assert [loc.read_bytes(contract.MANIFEST) for loc in locs] == before
 
 
 def _first_shard(loc: Location) -> str:
@@ -116,7 +116,7 @@ def _first_shard(loc: Location) -> str:
 def test_truncated_object_is_uploaded_again(tmp_path: Path) -> None:
     cfg = _config(tmp_path, 2)
     _prepare(cfg)
-    party0 = owner.party_location(cfg, 0)
+    party0 = contract.party_location(cfg, 0)
     name = _first_shard(party0)
     good = party0.read_bytes(name)
     party0.write_bytes(name, good[:-8])
@@ -128,7 +128,7 @@ def test_truncated_object_is_uploaded_again(tmp_path: Path) -> None:
 def test_manifest_survives_a_repairing_upload(tmp_path: Path) -> None:
     cfg = _config(tmp_path, 2)
     _prepare(cfg)
-    party0 = owner.party_location(cfg, 0)
+    party0 = contract.party_location(cfg, 0)
     name = _first_shard(party0)
     party0.write_bytes(name, party0.read_bytes(name)[:-8])
     owner.upload(cfg)
@@ -138,7 +138,7 @@ def test_manifest_survives_a_repairing_upload(tmp_path: Path) -> None:
 def test_same_size_corruption_is_uploaded_again(tmp_path: Path) -> None:
     cfg = _config(tmp_path, 2)
     _prepare(cfg)
-    party1 = owner.party_location(cfg, 1)
+    party1 = contract.party_location(cfg, 1)
     good = party1.read_bytes("model/params.safetensors")
     party1.write_bytes("model/params.safetensors", good[:-1] + bytes([good[-1] ^ 1]))
     counts = owner.upload(cfg)
@@ -149,21 +149,21 @@ def test_same_size_corruption_is_uploaded_again(tmp_path: Path) -> None:
 def test_new_shares_replace_old_ones_and_the_manifest(tmp_path: Path) -> None:
     cfg = _config(tmp_path, 2)
     _prepare(cfg)
-    old = owner.read_manifest(owner.party_location(cfg, 0))["objects"]
+    old = contract.read_manifest(contract.party_location(cfg, 0)).table()
     owner.encrypt_model(cfg)  # fresh masks: new bytes for every party's parameter shares
     counts = owner.upload(cfg)
     assert counts["uploaded"] == 2 and counts["skipped"] >= 2
     locs = _parties(cfg)
     _check_manifests(cfg, locs)
-    assert owner.read_manifest(locs[0])["objects"] != old
+    assert contract.read_manifest(locs[0]).table() != old
     _check_reconstruction(cfg, locs)
 
 
 def test_damaged_manifest_is_rewritten(tmp_path: Path) -> None:
     cfg = _config(tmp_path, 2)
     _prepare(cfg)
-    party0 = owner.party_location(cfg, 0)
-    party0.write_bytes(owner.MANIFEST, b"{truncated")
+    party0 = contract.party_location(cfg, 0)
+    party0.write_bytes(contract.MANIFEST, b"{truncated")
     counts = owner.upload(cfg)
     assert counts["uploaded"] == len(party0.list()) - 1
     _check_manifests(cfg, _parties(cfg))
@@ -174,10 +174,10 @@ def test_damaged_manifest_is_rewritten(tmp_path: Path) -> None:
     [
         ({"format": "something-else", "version": 1, "objects": {}}, "not a veiltrain"),
         ({"version": 1, "objects": {}}, "not a veiltrain"),
-        ({"format": owner.MANIFEST_FORMAT, "version": 2, "objects": {}}, "version 2"),
-        ({"format": owner.MANIFEST_FORMAT, "objects": {}}, "version None"),
-        ({"format": owner.MANIFEST_FORMAT, "version": 1, "objects": []}, "no object list"),
-        ({"format": owner.MANIFEST_FORMAT, "version": 1}, "no object list"),
+        ({"format": contract.MANIFEST_FORMAT, "version": 2, "objects": {}}, "version 2"),
+        ({"format": contract.MANIFEST_FORMAT, "objects": {}}, "version None"),
+        ({"format": contract.MANIFEST_FORMAT, "version": 1, "objects": []}, "no object list"),
+        ({"format": contract.MANIFEST_FORMAT, "version": 1}, "no object list"),
         ([1, 2, 3], "not a veiltrain"),
     ],
 )
@@ -185,18 +185,18 @@ def test_read_manifest_rejects_foreign_manifests(
     tmp_path: Path, manifest: Any, message: str
 ) -> None:
     loc = Location(str(tmp_path))
-    loc.write_json(owner.MANIFEST, manifest)
+    loc.write_json(contract.MANIFEST, manifest)
     with pytest.raises(IntegrityError, match=message):
-        owner.read_manifest(loc)
+        contract.read_manifest(loc)
 
 
 def test_read_manifest_rejects_corrupt_json_and_missing_file(tmp_path: Path) -> None:
     loc = Location(str(tmp_path))
     with pytest.raises(StoreError, match="not found"):
-        owner.read_manifest(loc)
-    loc.write_bytes(owner.MANIFEST, b"\x00\x01")
+        contract.read_manifest(loc)
+    loc.write_bytes(contract.MANIFEST, b"\x00\x01")
     with pytest.raises(IntegrityError, match="manifest.json"):
-        owner.read_manifest(loc)
+        contract.read_manifest(loc)
 
 
 # ------------------------------------------------------------------------------- real S3
@@ -221,17 +221,47 @@ def test_upload_to_s3_with_per_party_credentials(
     assert first["uploaded"] == sum(len(loc.list()) - 1 for loc in locs)
     _check_manifests(cfg, locs)
     _check_reconstruction(cfg, locs)
-    before = [loc.read_bytes(owner.MANIFEST) for loc in locs]
+    before = [loc.read_bytes(contract.MANIFEST) for loc in locs]
     assert owner.upload(cfg) == {"uploaded": 0, "skipped": first["uploaded"], "bytes": 0}
-    assert [loc.read_bytes(owner.MANIFEST) for loc in locs] == before
+    assert [loc.read_bytes(contract.MANIFEST) for loc in locs] == before
     # Party 1's identity can neither read nor overwrite party 0's shares.
     snoop = Location(locs[0].url, role="party-1")
     for attempt in (
-        lambda: snoop.read_bytes(owner.MANIFEST),
+        lambda: snoop.read_bytes(contract.MANIFEST),
         lambda: snoop.read_bytes("model/params.safetensors"),
         lambda: snoop.write_bytes("model/params.safetensors", b"x"),
     ):
         with pytest.raises(StoreError, match="access denied") as info:
             attempt()
         assert s3_server.identities["party-1"].secret not in str(info.value)
-    assert sha256_bytes(locs[0].read_bytes(owner.MANIFEST)) == sha256_bytes(before[0])
+    assert sha256_bytes(locs[0].read_bytes(contract.MANIFEST)) == sha256_bytes(before[0])
+
+
+def test_upload_with_nothing_staged_is_refused_naming_the_stage(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, 2)
+    with pytest.raises(ConfigError, match="party 0.*encrypt_dataset and encrypt_model first"):
+        owner.upload(cfg)
+    owner.encrypt_dataset(cfg)  # half a run: the model is still missing
+    with pytest.raises(ConfigError, match="model/params.safetensors"):
+        owner.upload(cfg)
+    assert not contract.party_location(cfg, 0).exists(contract.MANIFEST)
+
+
+def test_a_first_upload_reads_each_staged_object_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = _config(tmp_path, 2)
+    owner.encrypt_dataset(cfg)
+    owner.encrypt_model(cfg)
+    opened: list[str] = []
+    original = Location.open_read
+
+    def counting(self: Location, name: str) -> Any:
+        if "/staging/" in self.url:
+            opened.append(f"{self.url}/{name}")
+        return original(self, name)
+
+    monkeypatch.setattr(Location, "open_read", counting)
+    owner.upload(cfg)
+    assert opened and len(opened) == len(set(opened))  # hashed while copied, never re-read
+    _check_manifests(cfg, _parties(cfg))

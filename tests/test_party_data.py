@@ -9,7 +9,7 @@ import pytest
 
 from veiltrain.errors import IntegrityError
 from veiltrain.ffrecord import CorruptFileError, FileWriter
-from veiltrain.party import PartyData
+from veiltrain.party_data import PartyData
 from veiltrain.store import Location
 
 WORDS = 6  # 4 feature words (shape 2 x 2) + 2 one-hot label words
@@ -73,3 +73,22 @@ def test_a_shard_with_a_legacy_unchecked_header_is_refused(tmp_path: Path) -> No
     with pytest.raises(CorruptFileError, match="meta_crc is 0") as caught:
         PartyData.in_store(loc, [SHARD])
     assert isinstance(caught.value, IntegrityError) and SHARD in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("change", "where"),
+    [
+        ({"count": "three"}, "count"),
+        ({"count": 0}, "count"),
+        ({"format": "pickle"}, "format"),
+        ({"record_words": None}, "record_words"),
+        ({"extra": 1}, "extra"),
+    ],
+)
+def test_a_malformed_info_json_is_one_error_naming_it(
+    tmp_path: Path, change: dict[str, object], where: str
+) -> None:
+    loc = _party_store(tmp_path, [_row(1), _row(2), _row(3)])
+    loc.write_json("dataset/info.json", {**INFO, **change})
+    with pytest.raises(IntegrityError, match=f"dataset/info.json: malformed .*{where}"):
+        PartyData.in_store(loc, [SHARD])

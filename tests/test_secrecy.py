@@ -19,7 +19,7 @@ import pytest
 from veiltrain import data, owner, runstate
 from veiltrain.config import RunConfig, load_config
 from veiltrain.errors import ConfigError
-from veiltrain.store import Location
+from veiltrain.store import Location, read_npz
 
 QUICK = {"max_samples": 120, "batch_size": 32, "test_fraction": 0.25}
 
@@ -114,7 +114,7 @@ def test_record_position_tells_a_party_nothing_about_labels(tmp_path: Path) -> N
     # the owner's loading and guesses each record's label from its position.
     replay = data.load(str(source), 0.2, 0, None)
     guess = replay.y_train
-    truth = owner.load_npz(Location(cfg.owner_store), "private/train.npz")["y"]
+    truth = read_npz(Location(cfg.owner_store), "private/train.npz")["y"]
     assert len(guess) == len(truth) == 192
     accuracy = float(np.mean(guess == truth))
     assert accuracy < 0.25 + 0.15, accuracy  # chance is 1/4; before the fix it was 100 %
@@ -127,7 +127,7 @@ def test_the_record_order_is_drawn_afresh_for_every_run(tmp_path: Path) -> None:
     orders = []
     for name in ("a", "b"):
         cfg = _encrypted(tmp_path / name, dataset=str(source), max_samples=None, seed=0)
-        orders.append(owner.load_npz(Location(cfg.owner_store), "private/record_order.npz"))
+        orders.append(read_npz(Location(cfg.owner_store), "private/record_order.npz"))
     assert not np.array_equal(orders[0]["order"], orders[1]["order"])
 
 

@@ -40,9 +40,13 @@ class FailingStream:
         return b"p" * n
 
 
-@pytest.fixture(params=["local", "file-url", "memory"])
+@pytest.fixture(params=["local", "file-url", "memory", pytest.param("s3", marks=pytest.mark.s3)])
 def loc(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Location]:
-    if request.param == "local":
+    """One store location per backend: every test of the storage contract runs on each."""
+    if request.param == "s3":  # a real SeaweedFS, party 0's own bucket and credentials
+        server = request.getfixturevalue("s3_server")
+        yield Location(_prefix(PARTY_BUCKETS["party-0"]), "party-0", **_options(server, "party-0"))
+    elif request.param == "local":
         yield Location(str(tmp_path / "store"))
     elif request.param == "file-url":
         yield Location((tmp_path / "store").as_uri())
@@ -85,69 +89,70 @@ def _round_trip(loc: Location) -> None:
     assert "meta.json" not in loc.list()
 
 
-def test_round_trip(loc: Location) -> None:
-    _round_trip(loc)
+class TestStorageContract:
+    """What every backend (local path, file://, memory://, S3) must do alike."""
 
+    def test_download_is_verified_while_it_streams(self, loc: Location, tmp_path: Path) -> None:
+        _download_check(loc, tmp_path)
 
-def test_write_json_is_canonical(loc: Location) -> None:
-    loc.write_json("x.json", {"b": 1, "a": 2})
-    raw = loc.read_bytes("x.json")
-    assert json.loads(raw) == {"b": 1, "a": 2} and raw.index(b'"a"') < raw.index(b'"b"')
+    def test_round_trip(self, loc: Location) -> None:
+        _round_trip(loc)
 
+    def test_write_json_is_canonical(self, loc: Location) -> None:
+        loc.write_json("x.json", {"b": 1, "a": 2})
+        raw = loc.read_bytes("x.json")
+        assert json.loads(raw) == {"b": 1, "a": 2} and raw.index(b'"a"') < raw.index(b'"b"')
 
-def test_failed_stream_leaves_no_object(loc: Location) -> None:
-    stream = FailingStream()
-    with pytest.raises(RuntimeError, match="mid-stream"):
-        loc.put_stream("dir/new.bin", stream)
-    assert stream.reads >= 2  # it did fail after some bytes, not at once
-    assert not loc.exists("dir/new.bin")
-    assert loc.list() == []  # no partial or temporary object either
+    def test_failed_stream_leaves_no_object(self, loc: Location) -> None:
+        stream = FailingStream()
+        with pytest.raises(RuntimeError, match="mid-stream"):
+            loc.put_stream("dir/new.bin", stream)
+        assert stream.reads >= 2  # it did fail after some bytes, not at once
+        assert not loc.exists("dir/new.bin")
+        assert loc.list() == []  # no partial or temporary object either
 
+    def test_failed_overwrite_keeps_the_older_object(self, loc: Location) -> None:
+        loc.write_bytes("obj.bin", b"old complete object")
+        with pytest.raises(RuntimeError):
+            loc.put_stream("obj.bin", FailingStream(5000))
+        assert loc.read_bytes("obj.bin") == b"old complete object"
+        assert loc.list() == ["obj.bin"]
 
-def test_failed_overwrite_keeps_the_older_object(loc: Location) -> None:
-    loc.write_bytes("obj.bin", b"old complete object")
-    with pytest.raises(RuntimeError):
-        loc.put_stream("obj.bin", FailingStream(5000))
-    assert loc.read_bytes("obj.bin") == b"old complete object"
-    assert loc.list() == ["obj.bin"]
+    def test_put_stream_copies_a_large_stream(self, loc: Location) -> None:
+        payload = bytes(range(251)) * 50_000  # ~12 MB: more than one 8 MiB chunk
+        loc.put_stream("big.bin", io.BytesIO(payload))
+        assert loc.size("big.bin") == len(payload)
+        assert loc.sha256("big.bin") == sha256_bytes(payload)
 
+    @pytest.mark.parametrize("raw", [b"{not json", b"\xff\xfe\x00garbage", b'{"a": 1'])
+    def test_corrupt_json_is_an_integrity_error_naming_the_object(
+        self, loc: Location, raw: bytes
+    ) -> None:
+        loc.write_bytes("sub/broken.json", raw)
+        with pytest.raises(IntegrityError, match=r"sub/broken\.json"):
+            loc.read_json("sub/broken.json")
 
-def test_put_stream_copies_a_large_stream(loc: Location) -> None:
-    payload = bytes(range(251)) * 50_000  # ~12 MB: more than one 8 MiB chunk
-    loc.put_stream("big.bin", io.BytesIO(payload))
-    assert loc.size("big.bin") == len(payload)
-    assert loc.sha256("big.bin") == sha256_bytes(payload)
+    def test_oversized_read_is_refused(self, loc: Location) -> None:
+        loc.write_bytes("big", b"x" * 100)
+        with pytest.raises(IntegrityError, match="larger than 10 bytes"):
+            loc.read_bytes("big", limit=10)
+        assert loc.read_bytes("big", limit=100) == b"x" * 100
 
-
-@pytest.mark.parametrize("raw", [b"{not json", b"\xff\xfe\x00garbage", b'{"a": 1'])
-def test_corrupt_json_is_an_integrity_error_naming_the_object(loc: Location, raw: bytes) -> None:
-    loc.write_bytes("sub/broken.json", raw)
-    with pytest.raises(IntegrityError, match=r"sub/broken\.json"):
-        loc.read_json("sub/broken.json")
-
-
-def test_oversized_read_is_refused(loc: Location) -> None:
-    loc.write_bytes("big", b"x" * 100)
-    with pytest.raises(IntegrityError, match="larger than 10 bytes"):
-        loc.read_bytes("big", limit=10)
-    assert loc.read_bytes("big", limit=100) == b"x" * 100
-
-
-@pytest.mark.parametrize(
-    "action",
-    [
-        lambda loc: loc.read_bytes("missing.bin"),
-        lambda loc: loc.read_json("missing.bin"),
-        lambda loc: loc.size("missing.bin"),
-        lambda loc: loc.sha256("missing.bin"),
-        lambda loc: loc.open_read("missing.bin"),
-    ],
-    ids=["read_bytes", "read_json", "size", "sha256", "open_read"],
-)
-def test_missing_object_is_a_store_error(loc: Location, action: Any) -> None:
-    with pytest.raises(StoreError, match="not found") as info:
-        action(loc)
-    assert "missing.bin" in str(info.value) and isinstance(info.value, OSError)
+    @pytest.mark.parametrize(
+        "action",
+        [
+            lambda loc: loc.read_bytes("missing.bin"),
+            lambda loc: loc.read_json("missing.bin"),
+            lambda loc: loc.size("missing.bin"),
+            lambda loc: loc.sha256("missing.bin"),
+            lambda loc: loc.open_read("missing.bin"),
+        ],
+        ids=["read_bytes", "read_json", "size", "sha256", "open_read"],
+    )
+    def test_missing_object_is_a_store_error(self, loc: Location, action: Any) -> None:
+        with pytest.raises(StoreError, match="not found") as info:
+            action(loc)
+        assert "missing.bin" in str(info.value) and isinstance(info.value, OSError)
 
 
 def test_unknown_protocol_is_a_config_error() -> None:
@@ -192,41 +197,6 @@ def _options(server: S3Server, identity: str) -> dict[str, Any]:
 
 def _prefix(bucket: str) -> str:
     return f"s3://{bucket}/store-tests/{uuid.uuid4().hex}"
-
-
-@pytest.fixture
-def s3_party0(s3_server: S3Server) -> Location:
-    return Location(_prefix(PARTY_BUCKETS["party-0"]), "party-0", **_options(s3_server, "party-0"))
-
-
-@pytest.mark.s3
-def test_s3_round_trip(s3_party0: Location) -> None:
-    _round_trip(s3_party0)
-
-
-@pytest.mark.s3
-def test_s3_failed_put_stream_leaves_no_object(s3_party0: Location) -> None:
-    with pytest.raises(RuntimeError, match="mid-stream"):
-        s3_party0.put_stream("new.bin", FailingStream())
-    assert not s3_party0.exists("new.bin")
-    assert s3_party0.list() == []
-    s3_party0.write_bytes("old.bin", b"old complete object")
-    with pytest.raises(RuntimeError):
-        s3_party0.put_stream("old.bin", FailingStream(5000))
-    assert s3_party0.read_bytes("old.bin") == b"old complete object"
-    assert s3_party0.list() == ["old.bin"]
-    # The filesystem is usable again afterwards (no transaction left open).
-    s3_party0.write_bytes("after.bin", b"ok")
-    assert s3_party0.read_bytes("after.bin") == b"ok"
-
-
-@pytest.mark.s3
-def test_s3_corrupt_json_and_missing_object(s3_party0: Location) -> None:
-    s3_party0.write_bytes("bad.json", b"{")
-    with pytest.raises(IntegrityError, match=r"bad\.json"):
-        s3_party0.read_json("bad.json")
-    with pytest.raises(StoreError, match="not found"):
-        s3_party0.read_bytes("absent.bin")
 
 
 @pytest.mark.s3
@@ -282,12 +252,3 @@ def _download_check(loc: Location, tmp_path: Path) -> None:
     with pytest.raises(IntegrityError, match="shard-00000.ffr.*manifest"):
         download_verified(loc, "dataset/shard-00000.ffr", meta, str(folder))
     assert not list(folder.iterdir())  # unverified bytes are never left behind to be read
-
-
-def test_download_is_verified_while_it_streams(loc: Location, tmp_path: Path) -> None:
-    _download_check(loc, tmp_path)
-
-
-@pytest.mark.s3
-def test_download_from_s3_is_verified_while_it_streams(s3_party0: Location, tmp_path: Path) -> None:
-    _download_check(s3_party0, tmp_path)

@@ -11,8 +11,8 @@ import pytest
 
 from veiltrain import launch, owner, report
 from veiltrain.config import RunConfig, load_config
+from veiltrain.contract import TrainJob
 from veiltrain.errors import IntegrityError, PartyError
-from veiltrain.party import TrainJob
 from veiltrain.store import Location
 
 pytestmark = pytest.mark.slow

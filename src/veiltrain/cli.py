@@ -14,6 +14,7 @@ from pydantic_core import PydanticUndefined
 
 from veiltrain.config import RunConfig, load_config, preflight
 from veiltrain.errors import VeiltrainError
+from veiltrain.summary import summary_lines
 
 _NUMBERS: dict[str, type] = {
     "epochs": int,
@@ -90,18 +91,8 @@ def _link_latest(out: str) -> None:
 
 
 def _summary(report: dict[str, Any], seconds: float) -> str:
-    r = report
-    return "\n".join(
-        [
-            f"veiltrain run {r['run_id']}: {r['parties']} parties, {r['epochs']} epochs, "
-            f"{len(r['losses'])} steps in {seconds:.0f} s",
-            f"  test accuracy (trained on shares): {r['test_accuracy']:.2%}",
-            f"  plaintext shadow accuracy:         {r['plaintext_test_accuracy']:.2%}",
-            f"  largest loss gap vs plaintext:     {r['max_loss_gap']:.4f}",
-            f"  final loss: {r['losses'][-1]:.4f} (plaintext {r['plaintext_losses'][-1]:.4f})",
-            "  stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in r["stage_seconds"].items()),
-        ]
-    )
+    headline, *facts = summary_lines(report, seconds)
+    return "\n".join([headline, *(f"  {fact}" for fact in facts)])
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:
@@ -109,7 +100,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     _prefect_defaults()
     from veiltrain.flows.pipeline import pipeline
 
-    report: dict[str, Any] = pipeline(cfg)
+    report = pipeline(cfg)
     _link_latest(cfg.out)
     return report
 

@@ -1,11 +1,38 @@
-"""What the owner and the parties agree on: the job a party is given (public values only)."""
+"""What the owner and the parties agree on: object names, their JSON formats, the job, locations.
+
+Owner, party and report code import this module, never each other. Every JSON object a party
+reads is parsed into a frozen pydantic model here, so a malformed one is one IntegrityError that
+names the object.
+"""
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from typing import Any, Final, Literal, TypeVar
 
-from veiltrain.errors import ConfigError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from veiltrain.config import RunConfig
+from veiltrain.errors import ConfigError, IntegrityError
+from veiltrain.store import Location
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT: Final = "veiltrain.party-manifest"
+MANIFEST_VERSION: Final = 1
+INFO = "dataset/info.json"
+SPEC = "model/spec.json"
+PARAMS = "model/params.safetensors"
+STAGED_REQUIRED = (INFO, SPEC, PARAMS)
+"""What every party's staging must hold before an upload may publish a manifest."""
+
+# Owner-private objects (under the owner store, never uploaded).
+PRIVATE_TRAIN = "private/train.npz"
+PRIVATE_TEST = "private/test.npz"
+PRIVATE_SCALER = "private/scaler.npz"
+PRIVATE_INITIAL = "private/initial.safetensors"
+PRIVATE_MODEL_SPEC = "private/model.json"
+PRIVATE_ORDER = "private/record_order.npz"
 
 
 @dataclass(frozen=True)
@@ -36,3 +63,109 @@ class TrainJob:
             return cls(**json.loads(text))
         except (TypeError, json.JSONDecodeError) as exc:
             raise ConfigError(f"train job is malformed: {exc}") from exc
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ObjectMeta(_Frozen):
+    """Size and SHA-256 of one stored object."""
+
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+
+
+class Manifest(_Frozen):
+    """A party store's table of contents, written last by the owner's upload."""
+
+    format: Literal["veiltrain.party-manifest"] = MANIFEST_FORMAT
+    version: Literal[1] = MANIFEST_VERSION
+    run_id: str
+    party: int = Field(ge=0)
+    parties: int = Field(ge=2)
+    precision_bits: int
+    created: str = ""
+    objects: dict[str, ObjectMeta]
+
+    def table(self) -> dict[str, dict[str, Any]]:
+        """The objects as plain dicts ({"sha256", "size"}), e.g. for store.check_objects."""
+        return {name: meta.model_dump() for name, meta in self.objects.items()}
+
+    def canonical(self) -> bytes:
+        """The manifest without its time stamp: equal when it describes the same objects."""
+        return json.dumps(self.model_dump(exclude={"created"}), sort_keys=True).encode()
+
+
+class DatasetInfo(_Frozen):
+    """dataset/info.json: public facts of a party's data shares (shapes and counts by design)."""
+
+    count: int = Field(ge=1)
+    record_words: int = Field(ge=1)
+    sample_shape: tuple[int, ...]
+    num_classes: int = Field(ge=1)
+    format: Literal["ffrecord", "keystream"]
+    seed_share: dict[str, Any] | None = None
+
+
+class ModelSpec(_Frozen):
+    """model/spec.json: the model factory by name (never a pickle) and its parameter shapes."""
+
+    factory: str
+    kwargs: dict[str, Any]
+    sample_shape: tuple[int, ...]
+    num_classes: int = Field(ge=1)
+    parameters: dict[str, list[int]]
+
+
+_Model = TypeVar("_Model", bound=BaseModel)
+
+
+def read_model(loc: Location, name: str, model: type[_Model]) -> _Model:
+    """Read and validate one JSON object; anything malformed names the object."""
+    value = loc.read_json(name)
+    try:
+        return model.model_validate(value)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in exc.errors()
+        )
+        raise IntegrityError(f"{loc.url}/{name}: malformed ({problems})") from None
+
+
+def read_manifest(loc: Location) -> Manifest:
+    """A party manifest, with clear words for another format or version than this one reads."""
+    raw = loc.read_json(MANIFEST)
+    if not isinstance(raw, dict) or raw.get("format") != MANIFEST_FORMAT:
+        raise IntegrityError(f"{loc.url}/{MANIFEST}: not a veiltrain party manifest")
+    if raw.get("version") != MANIFEST_VERSION:
+        raise IntegrityError(
+            f"{loc.url}/{MANIFEST}: version {raw.get('version')}, this veiltrain reads "
+            f"{MANIFEST_VERSION}; re-run encrypt and upload with this version"
+        )
+    if not isinstance(raw.get("objects"), dict):
+        raise IntegrityError(f"{loc.url}/{MANIFEST}: no object list")
+    return read_model(loc, MANIFEST, Manifest)
+
+
+def write_manifest(loc: Location, manifest: Manifest) -> None:
+    """Publish a manifest (atomically: readers see the old one or the new one)."""
+    loc.write_json(MANIFEST, manifest.model_dump())
+
+
+# ------------------------------------------------------------------------------ locations
+
+
+def owner_location(cfg: RunConfig) -> Location:
+    """The owner's private store: plaintext splits, statistics, staging; never a party's."""
+    return Location(cfg.owner_store, role="owner")
+
+
+def staging(cfg: RunConfig, party: int) -> Location:
+    """Where party i's artifacts wait before upload."""
+    return owner_location(cfg).child(f"staging/party-{party}")
+
+
+def party_location(cfg: RunConfig, party: int) -> Location:
+    """Party i's own store location, with party i's credentials."""
+    return Location(cfg.stores()[party], role=f"party-{party}")

@@ -20,8 +20,20 @@ class IntegrityError(VeiltrainError, ValueError):
 
 
 class StoreError(VeiltrainError, OSError):
-    """The object store failed or refused: missing object, denied access, unreachable endpoint."""
+    """The object store failed or refused: missing object, denied access, bad credentials.
+
+    Not worth retrying as such: the same call fails the same way until a person acts.
+    """
+
+
+class StoreUnavailableError(StoreError):
+    """The store could not be reached or timed out: the one store failure that is retried."""
 
 
 class PartyError(VeiltrainError, RuntimeError):
     """A compute party or the dealer failed, timed out or never joined; the message names it."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether waiting and retrying can help: an unreachable or slow store or network only."""
+    return isinstance(exc, (StoreUnavailableError, TimeoutError, ConnectionError))

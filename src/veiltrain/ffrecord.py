@@ -23,6 +23,7 @@ from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
 from veiltrain.errors import ConfigError, IntegrityError, StoreError
+from veiltrain.store import STORE_FAILURES, store_error
 
 __all__ = [
     "CorruptFileError",
@@ -91,14 +92,8 @@ def _display(fs: AbstractFileSystem, path: str) -> str:
     return str(fs.unstrip_protocol(path))
 
 
-def _store_error(url: str, action: str, exc: OSError) -> StoreError:
-    if isinstance(exc, FileNotFoundError):
-        hint = "it does not exist: check the path or URL"
-    elif isinstance(exc, PermissionError):
-        hint = "access denied: check the credentials and that they cover this bucket"
-    else:
-        hint = "check the endpoint, the network and the credentials, then retry"
-    return StoreError(f"{url}: could not {action} ({exc}); {hint}")
+def _store_error(url: str, action: str, exc: BaseException) -> StoreError:
+    return store_error(f"{url}: could not {action}", exc)
 
 
 def _info(fs: AbstractFileSystem, path: str) -> dict[str, Any]:
@@ -107,7 +102,7 @@ def _info(fs: AbstractFileSystem, path: str) -> dict[str, Any]:
         # Listings are cached per filesystem instance; another process may have written since.
         fs.invalidate_cache(path)
         return dict(fs.info(path))
-    except OSError as exc:
+    except STORE_FAILURES as exc:
         raise _store_error(url, "look up", exc) from exc
 
 
@@ -118,7 +113,7 @@ def _cat(fs: AbstractFileSystem, path: str, start: int, end: int) -> bytes:
     url = _display(fs, path)
     try:
         data = bytes(fs.cat_file(path, start=start, end=end))
-    except OSError as exc:
+    except STORE_FAILURES as exc:
         raise _store_error(url, f"read bytes [{start}, {end})", exc) from exc
     if len(data) != end - start:
         raise CorruptFileError(
@@ -133,7 +128,7 @@ def _list_dir(fs: AbstractFileSystem, path: str) -> list[tuple[str, int]]:
     try:
         fs.invalidate_cache(path)
         entries = fs.ls(path, detail=True)
-    except OSError as exc:
+    except STORE_FAILURES as exc:
         raise _store_error(_display(fs, path), "list", exc) from exc
     found = [
         (str(e["name"]), int(e["size"]))
@@ -558,7 +553,7 @@ class FileWriter:
         name = Path(self._target).name
         try:
             fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=where)
-        except OSError as exc:
+        except STORE_FAILURES as exc:
             raise _store_error(self.path, "create a temp file beside", exc) from exc
         file = os.fdopen(fd, "w+b")
         file.seek(self._pos)  # the header is written at close, once every sample is known
@@ -579,7 +574,7 @@ class FileWriter:
             )
         try:
             self._file.write(view)
-        except OSError as exc:
+        except STORE_FAILURES as exc:
             self._abort()
             raise _store_error(self.path, "stage a sample for", exc) from exc
         self._checksums[self.count] = zlib.crc32(view)
@@ -622,7 +617,7 @@ class FileWriter:
         try:
             self._write_header()
             self._publish()
-        except OSError as exc:
+        except STORE_FAILURES as exc:
             raise _store_error(self.path, "write", exc) from exc
         finally:
             self._abort()  # removes the temp file (already gone if it was renamed)

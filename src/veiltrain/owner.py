@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import secrets
 from datetime import UTC, datetime
 from typing import Any
@@ -14,32 +13,31 @@ from safetensors.torch import save as save_safetensors
 
 from veiltrain import data, models, runstate, sharing
 from veiltrain.config import RunConfig
-from veiltrain.contract import TrainJob
+from veiltrain.contract import (
+    INFO,
+    MANIFEST,
+    PARAMS,
+    PRIVATE_INITIAL,
+    PRIVATE_MODEL_SPEC,
+    PRIVATE_ORDER,
+    PRIVATE_SCALER,
+    PRIVATE_TEST,
+    PRIVATE_TRAIN,
+    SPEC,
+    STAGED_REQUIRED,
+    Manifest,
+    TrainJob,
+    owner_location,
+    party_location,
+    read_manifest,
+    staging,
+    write_manifest,
+)
 from veiltrain.errors import ConfigError, IntegrityError
 from veiltrain.ffrecord import FileWriter
-from veiltrain.store import Location, check_objects, sha256_bytes
+from veiltrain.store import HashingReader, Location, check_objects, read_npz, sha256_bytes
 
-MANIFEST = "manifest.json"
-MANIFEST_FORMAT = "veiltrain.party-manifest"
-MANIFEST_VERSION = 1
 _SHARD_BYTES = 64 << 20
-_ORDER = "private/record_order.npz"
-MODEL_SPEC = "private/model.json"
-
-
-def owner_location(cfg: RunConfig) -> Location:
-    """The owner's private store: plaintext splits, statistics, staging; never a party's."""
-    return Location(cfg.owner_store, role="owner")
-
-
-def staging(cfg: RunConfig, party: int) -> Location:
-    """Where party i's artifacts wait before upload."""
-    return owner_location(cfg).child(f"staging/party-{party}")
-
-
-def party_location(cfg: RunConfig, party: int) -> Location:
-    """Party i's own store location, with party i's credentials."""
-    return Location(cfg.stores()[party], role=f"party-{party}")
 
 
 # ------------------------------------------------------------------------------- data set
@@ -82,7 +80,7 @@ def encrypt_dataset(cfg: RunConfig) -> dict[str, Any]:
 
 
 def _staged(cfg: RunConfig) -> bool:
-    return all(staging(cfg, p).exists("dataset/info.json") for p in range(cfg.parties))
+    return all(staging(cfg, p).exists(INFO) for p in range(cfg.parties))
 
 
 def _record_order(owner: Location, count: int, reuse: bool) -> np.ndarray[Any, Any]:
@@ -91,13 +89,13 @@ def _record_order(owner: Location, count: int, reuse: bool) -> np.ndarray[Any, A
     Parties see records in this order; with the source's order (an image folder sorted by
     class) or a --seed shuffle they could tell the label from a record's position.
     """
-    if reuse and owner.exists(_ORDER):
-        order = load_npz(owner, _ORDER)["order"]
+    if reuse and owner.exists(PRIVATE_ORDER):
+        order = read_npz(owner, PRIVATE_ORDER)["order"]
         if len(order) == count:
             return order
     keys = np.frombuffer(secrets.token_bytes(8 * count), dtype=np.uint64)
     order = np.argsort(keys, kind="stable")
-    owner.write_bytes(_ORDER, _npz(order=order))
+    owner.write_bytes(PRIVATE_ORDER, _npz(order=order))
     return order
 
 
@@ -119,10 +117,10 @@ def _stage_dataset(cfg: RunConfig, ds: data.Dataset, order: np.ndarray[Any, Any]
     for party in range(cfg.parties):
         _clear(staging(cfg, party), "dataset")  # a rerun must not upload stale shards
     _write_shards(staging(cfg, 0).child("dataset"), share0)
-    staging(cfg, 0).write_json("dataset/info.json", {**info, "format": "ffrecord"})
+    staging(cfg, 0).write_json(INFO, {**info, "format": "ffrecord"})
     for party, seed_share in enumerate(seed_shares, start=1):
         staging(cfg, party).write_json(
-            "dataset/info.json", {**info, "format": "keystream", "seed_share": seed_share.to_json()}
+            INFO, {**info, "format": "keystream", "seed_share": seed_share.to_json()}
         )
     _save_private(cfg, ds, scaler, x_train, y_train)
     return info
@@ -163,21 +161,15 @@ def _save_private(
 ) -> None:
     owner = owner_location(cfg)
     # The training split in record order: the plaintext shadow replays the parties' batches.
-    owner.write_bytes("private/train.npz", _npz(x=x_train, y=y_train))
-    owner.write_bytes("private/test.npz", _npz(x=scaler.apply(ds.x_test), y=ds.y_test))
-    owner.write_bytes("private/scaler.npz", _npz(mean=scaler.mean, scale=scaler.scale))
+    owner.write_bytes(PRIVATE_TRAIN, _npz(x=x_train, y=y_train))
+    owner.write_bytes(PRIVATE_TEST, _npz(x=scaler.apply(ds.x_test), y=ds.y_test))
+    owner.write_bytes(PRIVATE_SCALER, _npz(mean=scaler.mean, scale=scaler.scale))
 
 
 def _npz(**arrays: np.ndarray[Any, Any]) -> bytes:
     buf = io.BytesIO()
     np.savez(buf, **arrays)  # type: ignore[arg-type]  # numpy's stub mistypes **kwds
     return buf.getvalue()
-
-
-def load_npz(loc: Location, name: str) -> dict[str, np.ndarray[Any, Any]]:
-    """Read an owner-side .npz without ever unpickling."""
-    with np.load(io.BytesIO(loc.read_bytes(name)), allow_pickle=False) as npz:
-        return {k: npz[k] for k in npz.files}
 
 
 # ---------------------------------------------------------------------------------- model
@@ -209,7 +201,7 @@ def encrypt_model(cfg: RunConfig) -> dict[str, Any]:
         k: v.detach().double() for k, v in model.state_dict().items() if v.is_floating_point()
     }
     owner.write_bytes(
-        "private/initial.safetensors",
+        PRIVATE_INITIAL,
         save_safetensors({k: v.float().contiguous() for k, v in params.items()}),
     )
     spec = {
@@ -219,10 +211,10 @@ def encrypt_model(cfg: RunConfig) -> dict[str, Any]:
         "num_classes": classes,
         "parameters": {k: list(v.shape) for k, v in params.items()},
     }
-    owner.write_json(MODEL_SPEC, spec)
+    owner.write_json(PRIVATE_MODEL_SPEC, spec)
     for party, tensors in enumerate(_split_parameters(params, cfg)):
-        staging(cfg, party).write_bytes("model/params.safetensors", save_safetensors(tensors))
-        staging(cfg, party).write_json("model/spec.json", spec)
+        staging(cfg, party).write_bytes(PARAMS, save_safetensors(tensors))
+        staging(cfg, party).write_json(SPEC, spec)
     return {"parameters": len(params), "values": sum(v.numel() for v in params.values())}
 
 
@@ -290,38 +282,61 @@ def upload(cfg: RunConfig) -> dict[str, Any]:
 
 def _upload_party(cfg: RunConfig, party: int) -> dict[str, int]:
     src, dst = staging(cfg, party), party_location(cfg, party)
+    names = _staged_names(src, party)
     previous = _previous_objects(dst)
     objects: dict[str, dict[str, Any]] = {}
     uploaded: dict[str, dict[str, Any]] = {}
     counts = {"uploaded": 0, "skipped": 0, "bytes": 0}
-    for name in src.list():
-        digest, size = src.sha256(name), src.size(name)
-        objects[name] = {"sha256": digest, "size": size}
-        if previous.get(name) == objects[name] and _same_object(dst, name, size, digest):
+    for name in names:
+        if name in previous and _unchanged(src, dst, name, previous[name]):
+            objects[name] = previous[name]
             counts["skipped"] += 1
             continue
         if counts["uploaded"] == 0 and previous:
             dst.remove(MANIFEST)  # never leave an old manifest describing objects being replaced
-        with src.open_read(name) as stream:
-            dst.put_stream(name, stream)
-        uploaded[name] = objects[name]
+        objects[name] = uploaded[name] = _copy_hashed(src, dst, name)
         counts["uploaded"] += 1
-        counts["bytes"] += size
-    check_objects(dst, uploaded, deep=True)  # skipped objects were just hashed in the store
+        counts["bytes"] += objects[name]["size"]
+    check_objects(dst, uploaded, deep=True)  # read back what the store now holds
     manifest = _manifest(cfg, party, objects)
-    if counts["uploaded"] or previous.get("__manifest__") != sha256_bytes(_canonical(manifest)):
-        dst.write_json(MANIFEST, manifest)
+    if counts["uploaded"] or previous.get("__manifest__") != sha256_bytes(manifest.canonical()):
+        write_manifest(dst, manifest)
     return counts
 
 
-def _same_object(dst: Location, name: str, size: int, digest: str) -> bool:
-    # Hash, not just size: a same-size corruption in the store must be repaired, not skipped.
-    return dst.exists(name) and dst.size(name) == size and dst.sha256(name) == digest
+def _staged_names(src: Location, party: int) -> list[str]:
+    """What is staged for a party, refusing an upload of nothing or of half a run."""
+    names = src.list()
+    missing = [n for n in STAGED_REQUIRED if n not in names]
+    if missing:
+        raise ConfigError(
+            f"upload: nothing complete is staged for party {party} at {src.url} (missing "
+            f"{', '.join(missing)}); run encrypt_dataset and encrypt_model first"
+        )
+    return names
 
 
-def _canonical(manifest: dict[str, Any]) -> bytes:
-    body = {k: v for k, v in manifest.items() if k != "created"}
-    return json.dumps(body, sort_keys=True).encode()
+def _copy_hashed(src: Location, dst: Location, name: str) -> dict[str, Any]:
+    """Copy one staged object, hashing it on the way: each staged byte is read once."""
+    with src.open_read(name) as stream:
+        reader = HashingReader(stream)
+        dst.put_stream(name, reader)
+    return {"sha256": reader.hexdigest(), "size": reader.size}
+
+
+def _unchanged(src: Location, dst: Location, name: str, meta: dict[str, Any]) -> bool:
+    """Staged and stored copies both still match the previous manifest (size first: cheap).
+
+    Hash, not just size: a same-size corruption in the store must be repaired, not skipped.
+    """
+    size, digest = meta.get("size"), meta.get("sha256")
+    return (
+        src.size(name) == size
+        and dst.exists(name)
+        and dst.size(name) == size
+        and src.sha256(name) == digest
+        and dst.sha256(name) == digest
+    )
 
 
 def _previous_objects(dst: Location) -> dict[str, Any]:
@@ -331,32 +346,17 @@ def _previous_objects(dst: Location) -> dict[str, Any]:
         old = read_manifest(dst)
     except IntegrityError:
         return {}  # a damaged manifest is simply rewritten after a full upload
-    return {**old["objects"], "__manifest__": sha256_bytes(_canonical(old))}
+    return {**old.table(), "__manifest__": sha256_bytes(old.canonical())}
 
 
-def _manifest(cfg: RunConfig, party: int, objects: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "format": MANIFEST_FORMAT,
-        "version": MANIFEST_VERSION,
-        "run_id": cfg.run_id,
-        "party": party,
-        "parties": cfg.parties,
-        "precision_bits": cfg.precision_bits,
-        "created": datetime.now(UTC).isoformat(),
-        "objects": objects,
-    }
-
-
-def read_manifest(loc: Location) -> dict[str, Any]:
-    """Read and check a party manifest's structure (not yet the objects)."""
-    manifest = loc.read_json(MANIFEST)
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise IntegrityError(f"{loc.url}/{MANIFEST}: not a veiltrain party manifest")
-    if manifest.get("version") != MANIFEST_VERSION:
-        raise IntegrityError(
-            f"{loc.url}/{MANIFEST}: version {manifest.get('version')}, this veiltrain reads "
-            f"{MANIFEST_VERSION}; re-run encrypt and upload with this version"
-        )
-    if not isinstance(manifest.get("objects"), dict):
-        raise IntegrityError(f"{loc.url}/{MANIFEST}: no object list")
-    return manifest
+def _manifest(cfg: RunConfig, party: int, objects: dict[str, Any]) -> Manifest:
+    return Manifest.model_validate(
+        {
+            "run_id": cfg.run_id,
+            "party": party,
+            "parties": cfg.parties,
+            "precision_bits": cfg.precision_bits,
+            "created": datetime.now(UTC).isoformat(),
+            "objects": objects,
+        }
+    )

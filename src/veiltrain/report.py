@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,11 +10,20 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from veiltrain import checkpoints, data, models, runstate, sharing
+from veiltrain import checkpoints, data, models, runstate, schedule, sharing
 from veiltrain.config import RunConfig
+from veiltrain.contract import (
+    PRIVATE_INITIAL,
+    PRIVATE_MODEL_SPEC,
+    PRIVATE_TEST,
+    PRIVATE_TRAIN,
+    ModelSpec,
+    owner_location,
+    party_location,
+    read_model,
+)
 from veiltrain.errors import IntegrityError
-from veiltrain.owner import MODEL_SPEC, load_npz, owner_location, party_location
-from veiltrain.store import Location
+from veiltrain.store import Location, read_npz
 
 
 @dataclass(frozen=True)
@@ -95,8 +102,8 @@ def _party_shares(
 
 def restore_model(cfg: RunConfig, state: dict[str, torch.Tensor]) -> torch.nn.Module:
     """A plain PyTorch model with the decrypted parameters (integer buffers keep their init)."""
-    spec = owner_location(cfg).read_json(MODEL_SPEC)
-    model = models.build(spec["factory"], spec["kwargs"], cfg.seed)
+    spec = read_model(owner_location(cfg), PRIVATE_MODEL_SPEC, ModelSpec)
+    model = models.build(spec.factory, spec.kwargs, cfg.seed)
     merged = {**model.state_dict(), **state}
     model.load_state_dict(merged)
     return model
@@ -114,14 +121,14 @@ def shadow_training(
 ) -> tuple[torch.nn.Module, list[float]]:
     """Plaintext training with the same initial weights, batches and schedule, for parity."""
     owner = owner_location(cfg)
-    train = load_npz(owner, "private/train.npz")
-    initial = load_safetensors(owner.read_bytes("private/initial.safetensors"))
+    train = read_npz(owner, PRIVATE_TRAIN)
+    initial = load_safetensors(owner.read_bytes(PRIVATE_INITIAL))
     model = restore_model(cfg, initial).train()
     x, y = torch.from_numpy(train["x"]).float(), torch.from_numpy(train["y"])
     classes = int(runstate.require(owner, cfg.run_id).dataset["num_classes"])
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
     losses = []
-    steps = math.ceil(len(x) / cfg.batch_size)
+    steps = schedule.steps_per_epoch(len(x), cfg.batch_size)
     for epoch in range(1, epochs + 1):
         order = data.batch_order(len(x), epoch, order_seed)
         for step in range(steps):
@@ -166,7 +173,7 @@ def build_report(cfg: RunConfig, stage_seconds: dict[str, float]) -> dict[str, A
     """Decrypt, evaluate, compare with the plaintext shadow; write report.json and loss.png."""
     owner = owner_location(cfg)
     rec = reconstruct(cfg)
-    test = load_npz(owner, "private/test.npz")
+    test = read_npz(owner, PRIVATE_TEST)
     model = restore_model(cfg, rec.state)
     order_seed = runstate.require(owner, cfg.run_id).order_seed  # what the parties were given
     shadow, plain = shadow_training(cfg, order_seed, rec.epochs)
@@ -203,9 +210,3 @@ def _write_outputs(cfg: RunConfig, report: dict[str, Any], model: torch.nn.Modul
     out.write_json("report.json", report)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     out.write_bytes("model.safetensors", save_safetensors(state))
-
-
-def summary_json(report: dict[str, Any]) -> str:
-    """The report without the long curves, for logs and artifacts."""
-    short = {k: v for k, v in report.items() if k not in ("losses", "plaintext_losses")}
-    return json.dumps(short, indent=1)

@@ -12,9 +12,10 @@ from contextlib import contextmanager
 from typing import Any
 
 import fsspec
+import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
-from veiltrain.errors import ConfigError, IntegrityError, StoreError
+from veiltrain.errors import ConfigError, IntegrityError, StoreError, StoreUnavailableError
 
 _CHUNK = 8 << 20
 MAX_JSON_BYTES = 64 << 20
@@ -165,19 +166,53 @@ class Location:
         where = f"{self.url}/{name}" if name else self.url
         try:
             yield
-        except FileNotFoundError as exc:
-            raise StoreError(
-                f"{where} ({self.role}): not found; was the previous stage run?"
-            ) from exc
-        except PermissionError as exc:
-            raise StoreError(
-                f"{where} ({self.role}): access denied; check this role's credentials "
-                "(VEILTRAIN_<ROLE>_ACCESS_KEY/SECRET_KEY) and bucket policy"
-            ) from exc
-        except (OSError, TimeoutError) as exc:
-            if isinstance(exc, StoreError):
-                raise
-            raise StoreError(f"{where} ({self.role}): store error: {exc}") from exc
+        except StoreError:
+            raise  # already names its object
+        except STORE_FAILURES as exc:
+            raise store_error(f"{where} ({self.role})", exc) from exc
+
+
+def _botocore_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
+    """(transport failures, every botocore error); empty when botocore is not installed."""
+    try:
+        from botocore import exceptions as boto
+    except ImportError:
+        return (), ()
+    transport = (
+        boto.EndpointConnectionError,
+        boto.ConnectTimeoutError,
+        boto.ReadTimeoutError,
+        boto.ConnectionClosedError,
+    )
+    return transport, (boto.BotoCoreError,)
+
+
+_TRANSPORT, _BOTOCORE = _botocore_errors()
+STORE_FAILURES: tuple[type[BaseException], ...] = (OSError, TimeoutError, *_BOTOCORE)
+"""What a store client (the OS, fsspec, s3fs, botocore) raises: catch these, then store_error."""
+
+
+def store_error(where: str, exc: BaseException) -> StoreError:
+    """The one mapping from fsspec, s3fs and botocore failures to veiltrain's store errors.
+
+    Only an unreachable or slow store becomes StoreUnavailableError (retried); a missing
+    object, a denied or missing credential and anything else fail at once.
+    """
+    if isinstance(exc, StoreError):
+        return exc
+    if isinstance(exc, FileNotFoundError):
+        return StoreError(f"{where}: not found; check the URL, or run the stage that writes it")
+    if isinstance(exc, PermissionError):
+        return StoreError(
+            f"{where}: access denied; check this role's credentials "
+            "(VEILTRAIN_<ROLE>_ACCESS_KEY/SECRET_KEY) and bucket policy"
+        )
+    if isinstance(exc, (TimeoutError, ConnectionError, *_TRANSPORT)):
+        return StoreUnavailableError(
+            f"{where}: the store is unreachable or timed out ({exc}); check the endpoint "
+            "(VEILTRAIN_S3_ENDPOINT_URL) and the network"
+        )
+    return StoreError(f"{where}: store error ({type(exc).__name__}: {exc})")
 
 
 def _copy(src: Any, dst: Any) -> None:
@@ -198,6 +233,32 @@ def _local_atomic_copy(stream: Any, target: str) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def read_npz(loc: Location, name: str) -> dict[str, np.ndarray[Any, Any]]:
+    """Read an owner-side .npz of plain arrays without ever unpickling."""
+    with np.load(io.BytesIO(loc.read_bytes(name)), allow_pickle=False) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+class HashingReader:
+    """A binary stream that hashes and counts what is read through it."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self._digest = hashlib.sha256()
+        self.size = 0
+
+    def read(self, n: int = -1) -> bytes:
+        """Read like the wrapped stream, hashing the bytes on the way."""
+        block = bytes(self._stream.read(n))
+        self._digest.update(block)
+        self.size += len(block)
+        return block
+
+    def hexdigest(self) -> str:
+        """SHA-256 of everything read so far."""
+        return self._digest.hexdigest()
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -1,0 +1,180 @@
+"""One party's training loop on its shares: verify the store, agree with the others, train.
+
+Runs inside a party process only: it imports CrypTen (through veiltrain.mpc) at the top.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+import crypten.communicator as comm
+import crypten.nn
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from veiltrain import checkpoints, data, models, mpc, schedule
+from veiltrain.contract import PARAMS, SPEC, ModelSpec, TrainJob, read_manifest, read_model
+from veiltrain.errors import IntegrityError
+from veiltrain.party_data import PartyData, is_shard
+from veiltrain.store import Location, check_objects, download_verified
+
+
+def emit(event: str, **fields: Any) -> None:
+    """One JSON line on stdout: progress for the launcher (counts only, never a value)."""
+    print(json.dumps({"event": event, **fields}), flush=True)
+
+
+class Trainer:
+    """One party's training loop over its shares: construct (cheap), verify, build, run."""
+
+    data: PartyData
+    spec: ModelSpec
+    steps_per_epoch: int
+
+    def __init__(self, loc: Location, job: TrainJob, rank: int) -> None:
+        self.loc, self.job, self.rank = loc, job, rank
+        self.ident = checkpoints.Identity(job.run_id, job.settings_hash)
+        self.attempt = 0  # agreed with the other parties when training starts
+        self.resumed_attempt: int | None = None
+
+    def verify(self) -> None:
+        """Check the store against its manifest (every object by SHA-256) and open the shares."""
+        manifest = read_manifest(self.loc)
+        if manifest.run_id != self.job.run_id or manifest.party != self.rank:
+            raise IntegrityError(
+                f"{self.loc.url}: holds run {manifest.run_id!r} party {manifest.party}, "
+                f"but this is run {self.job.run_id!r} party {self.rank}; check the store URLs"
+            )
+        objects = manifest.table()
+        # The manifest, not a listing, names the shards: stray objects are never read.
+        shards = {n: m for n, m in sorted(objects.items()) if is_shard(n)}
+        check_objects(self.loc, {n: m for n, m in objects.items() if n not in shards})
+        paths, fs = self._verified_shards(shards)
+        self.data = PartyData(self.loc, paths, fs)
+        self.spec = read_model(self.loc, SPEC, ModelSpec)
+        self.steps_per_epoch = schedule.steps_per_epoch(self.data.count, self.job.batch_size)
+
+    def _verified_shards(self, shards: Mapping[str, Any]) -> tuple[list[str], Any]:
+        """Record shards checked against the manifest's SHA-256 in one streamed read each.
+
+        A local store is hashed in place; a remote one is copied to a private temporary folder
+        while hashing, and records are read from the verified copy.
+        """
+        if isinstance(self.loc.fs, LocalFileSystem):
+            check_objects(self.loc, shards, deep=True)
+            return [self.loc.path(n) for n in shards], self.loc.fs
+        self._spool = tempfile.TemporaryDirectory(prefix="veiltrain-shards-")
+        paths = [download_verified(self.loc, n, m, self._spool.name) for n, m in shards.items()]
+        return paths, LocalFileSystem()
+
+    def build(self) -> Any:
+        """The CrypTen graph for the named factory; its weights are replaced by shares later."""
+        # A random init seed: the party must not be able to rebuild the owner's weights.
+        model = models.build(self.spec.factory, self.spec.kwargs, secrets.randbits(31))
+        model.train()
+        return mpc.to_crypten(model, torch.zeros((1, *self.data.sample_shape)))
+
+    def run(self, cmodel: Any) -> None:
+        """Load shares, agree on a resume point with the other parties, train, checkpoint."""
+        mpc.tune_for(self.data.num_classes)
+        self.attempt = self._agree_attempt()
+        start = self._agree_resume()
+        shares = self._initial_shares(start)
+        cmodel.encrypt()
+        mpc.load_shares(cmodel, shares, self.job.precision_bits)
+        cmodel.train()
+        loss_fn = _loss(self.job.loss)
+        emit("start", epoch=start + 1, epochs=self.job.epochs, steps_per_epoch=self.steps_per_epoch)
+        for epoch in range(start + 1, self.job.epochs + 1):
+            losses = self._epoch(cmodel, loss_fn, epoch)
+            self._checkpoint(cmodel, epoch, losses)
+
+    def _epoch(self, cmodel: Any, loss_fn: Any, epoch: int) -> list[torch.Tensor]:
+        order = data.batch_order(self.data.count, epoch, self.job.order_seed)
+        losses = []
+        for step in range(self.steps_per_epoch):
+            idx = order[step * self.job.batch_size : (step + 1) * self.job.batch_size]
+            x, y = self.data.batch(idx)
+            xe, ye = (mpc.from_shares(t, self.job.precision_bits) for t in (x, y))
+            loss = loss_fn(cmodel(xe), ye)
+            cmodel.zero_grad()
+            loss.backward()
+            mpc.sgd_step(cmodel, self.job.lr)
+            losses.append(mpc.share_of(loss).reshape(1))
+            emit(
+                "step",
+                epoch=epoch,
+                step=step + 1,
+                global_step=(epoch - 1) * self.steps_per_epoch + step + 1,
+            )
+        return losses
+
+    def _checkpoint(self, cmodel: Any, epoch: int, losses: list[torch.Tensor]) -> None:
+        blobs = {
+            "params.safetensors": save_safetensors(mpc.export_shares(cmodel)),
+            "losses.safetensors": save_safetensors({"loss": torch.cat(losses)}),
+        }
+        fields = {
+            "run_id": self.job.run_id,
+            "party": self.rank,
+            "step": epoch * self.steps_per_epoch,
+            "settings_hash": self.job.settings_hash,
+            "precision_bits": self.job.precision_bits,
+            "attempt": self.attempt,
+        }
+        checkpoints.write(self.loc, epoch, blobs, fields)
+        emit("checkpoint", epoch=epoch)
+
+    def _agree_attempt(self) -> int:
+        """One attempt id for this joint run: party 0 draws it, every party records it."""
+        attempt = torch.tensor([checkpoints.new_attempt()], dtype=torch.int64)
+        torch.distributed.broadcast(attempt, src=0, group=_main_group())
+        return int(attempt.item())
+
+    def _agree_resume(self) -> int:
+        """Newest epoch whose checkpoints every party holds from one attempt and that verify.
+
+        Epoch numbers and attempt ids are public; the candidates are exchanged as int64 rows.
+        """
+        mine = checkpoints.candidates(self.loc, self.ident, self.job.epochs)
+        tables = _all_gather_table(mine, self.job.epochs)
+        for epoch in checkpoints.common(tables):
+            ok = torch.tensor([int(checkpoints.verified(self.loc, epoch, self.ident))])
+            torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN, group=_main_group())
+            if ok.item():
+                self.resumed_attempt = tables[0][epoch]
+                return epoch
+        return 0
+
+    def _initial_shares(self, epoch: int) -> dict[str, torch.Tensor]:
+        if epoch == 0:  # hashed against the manifest on start
+            return load_safetensors(self.loc.read_bytes(PARAMS))
+        blob = checkpoints.read(
+            self.loc, epoch, "params.safetensors", self.ident, self.resumed_attempt
+        )
+        return load_safetensors(blob)
+
+
+def _all_gather_table(mine: dict[int, int], max_epoch: int) -> list[dict[int, int]]:
+    """Every party's epoch -> attempt table (row e holds [e, attempt] or zeros)."""
+    rows = torch.zeros((max_epoch + 1, 2), dtype=torch.int64)
+    for epoch, attempt in mine.items():
+        rows[epoch] = torch.tensor([epoch, attempt])
+    group = _main_group()
+    gathered = [torch.zeros_like(rows) for _ in range(torch.distributed.get_world_size(group))]
+    torch.distributed.all_gather(gathered, rows, group=group)
+    return [{int(e): int(a) for e, a in table.tolist() if e > 0} for table in gathered]
+
+
+def _main_group() -> Any:
+    return comm.get().main_group
+
+
+def _loss(name: str) -> Any:
+    return crypten.nn.MSELoss() if name == "mse" else crypten.nn.CrossEntropyLoss()

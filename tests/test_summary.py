@@ -1,0 +1,45 @@
+"""The run summary is formatted once, for the CLI and for the report artifact."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from veiltrain import cli
+from veiltrain.schedule import steps_total
+from veiltrain.summary import summary_lines
+
+REPORT: dict[str, Any] = {
+    "run_id": "run-1234",
+    "parties": 2,
+    "epochs": 3,
+    "losses": [2.3, 1.0, 0.296],
+    "plaintext_losses": [2.3, 0.9, 0.2604],
+    "test_accuracy": 0.9443,
+    "plaintext_test_accuracy": 0.9443,
+    "max_loss_gap": 0.037,
+    "stage_seconds": {"encrypt_dataset": 2.5, "train": 85.24},
+}
+
+
+def test_summary_lines_headline_then_one_line_per_result() -> None:
+    lines = summary_lines(REPORT)
+    assert lines[0] == "veiltrain run run-1234: 2 parties, 3 epochs, 3 steps"
+    assert lines[1:] == [
+        "test accuracy (trained on shares): 94.43%",
+        "plaintext shadow accuracy:         94.43%",
+        "largest loss gap vs plaintext:     0.0370",
+        "final loss: 0.2960 (plaintext 0.2604)",
+        "stages: encrypt_dataset 2.5s, train 85.2s",
+    ]
+    assert summary_lines(REPORT, 108.6)[0].endswith("3 steps in 109 s")
+
+
+def test_cli_prints_the_same_lines_indented() -> None:
+    headline, *facts = summary_lines(REPORT, 109.0)
+    assert cli._summary(REPORT, 109.0).splitlines() == [headline, *(f"  {f}" for f in facts)]
+
+
+def test_steps_total_counts_the_short_last_batch() -> None:
+    assert steps_total(epochs=2, count=150, batch_size=32) == 10
+    assert steps_total(epochs=3, count=1437, batch_size=64) == 69
+    assert steps_total(epochs=1, count=64, batch_size=64) == 1
