@@ -43,5 +43,5 @@ def pipeline(config: RunConfig) -> dict[str, Any]:
     dataset = _timed(seconds, "encrypt_dataset", stages.encrypt_dataset, cfg)
     _timed(seconds, "encrypt_model", stages.encrypt_model, cfg)
     _timed(seconds, "upload", stages.upload, cfg)
-    _timed(seconds, "train", stages.train, cfg, dataset["count"])
+    _timed(seconds, "train", stages.train, cfg, dataset.count)
     return _timed(seconds, "decrypt_and_report", stages.decrypt_and_report, cfg, seconds)

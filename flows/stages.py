@@ -1,4 +1,4 @@
-"""One Prefect flow per stage; each takes and returns only JSON-friendly values."""
+"""One Prefect flow per stage; each takes and returns only small JSON-friendly values."""
 
 from __future__ import annotations
 
@@ -7,30 +7,31 @@ from typing import Any
 from prefect import flow
 
 from veiltrain.config import RunConfig
+from veiltrain.contract import DatasetFacts, ModelFacts, TrainRun, UploadCounts
 from veiltrain.schedule import steps_total
 from veiltrain.tasks import stages as tasks
 
 
 @flow(name="encrypt-dataset", log_prints=True)
-def encrypt_dataset(config: RunConfig) -> dict[str, Any]:
+def encrypt_dataset(config: RunConfig) -> DatasetFacts:
     """Owner: encode and split the training set into per-party shares (staged)."""
     return tasks.encrypt_dataset(config)
 
 
 @flow(name="encrypt-model", log_prints=True)
-def encrypt_model(config: RunConfig) -> dict[str, Any]:
+def encrypt_model(config: RunConfig) -> ModelFacts:
     """Owner: share the model's initial parameters per party (staged)."""
     return tasks.encrypt_model(config)
 
 
 @flow(name="upload", log_prints=True)
-def upload(config: RunConfig) -> dict[str, Any]:
+def upload(config: RunConfig) -> UploadCounts:
     """Owner: copy each party's shares to its own store, manifest last, verified."""
     return tasks.upload(config)
 
 
 @flow(name="train", log_prints=True)
-def train(config: RunConfig, count: int) -> dict[str, Any]:
+def train(config: RunConfig, count: int) -> TrainRun:
     """Parties and dealer: train on shares; each party writes only its own shares."""
     return tasks.train(config, steps_total(config.epochs, count, config.batch_size))
 

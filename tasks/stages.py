@@ -18,6 +18,7 @@ from prefect.artifacts import (
 
 from veiltrain import launch, owner, report
 from veiltrain.config import RunConfig
+from veiltrain.contract import DatasetFacts, ModelFacts, TrainRun, UploadCounts
 from veiltrain.errors import is_transient
 from veiltrain.progress import TrainingProgress
 from veiltrain.summary import summary_lines
@@ -37,25 +38,25 @@ IO_RETRIES: dict[str, Any] = {
 
 
 @task(name="encrypt-dataset", **IO_RETRIES)
-def encrypt_dataset(cfg: RunConfig) -> dict[str, Any]:
+def encrypt_dataset(cfg: RunConfig) -> DatasetFacts:
     """Encode, split and stage the training set; the test split stays with the owner."""
     return owner.encrypt_dataset(cfg)
 
 
 @task(name="encrypt-model", **IO_RETRIES)
-def encrypt_model(cfg: RunConfig) -> dict[str, Any]:
+def encrypt_model(cfg: RunConfig) -> ModelFacts:
     """Share the initial parameters per party."""
     return owner.encrypt_model(cfg)
 
 
 @task(name="upload", **IO_RETRIES)
-def upload(cfg: RunConfig) -> dict[str, Any]:
+def upload(cfg: RunConfig) -> UploadCounts:
     """Copy staged shares to each party's store; the manifest goes last."""
     return owner.upload(cfg)
 
 
 @task(name="train")
-def train(cfg: RunConfig, total_steps: int) -> dict[str, Any]:
+def train(cfg: RunConfig, total_steps: int) -> TrainRun:
     """Run every party and the dealer; no retries here: a rerun resumes from checkpoints."""
     artifact: UUID = create_progress_artifact(  # type: ignore[assignment]  # sync in a task
         0.0, key=_key("progress"), description=f"training run {cfg.run_id} on shares"

@@ -14,6 +14,7 @@ from safetensors.torch import load as load_safetensors
 from seaweed import PARTY_BUCKETS, S3Server
 from veiltrain import contract, owner, sharing
 from veiltrain.config import RunConfig, load_config
+from veiltrain.contract import UploadCounts
 from veiltrain.data import one_hot
 from veiltrain.errors import ConfigError, IntegrityError, StoreError
 from veiltrain.party_data import PartyData
@@ -28,7 +29,7 @@ def _config(tmp_path: Path, parties: int, **options: Any) -> RunConfig:
     ).resolved()
 
 
-def _prepare(cfg: RunConfig) -> dict[str, Any]:
+def _prepare(cfg: RunConfig) -> UploadCounts:
     owner.encrypt_dataset(cfg)
     owner.encrypt_model(cfg)
     return owner.upload(cfg)
@@ -84,8 +85,8 @@ def test_encrypt_and_upload_give_complete_manifests(tmp_path: Path, parties: int
     cfg = _config(tmp_path, parties)
     counts = _prepare(cfg)
     locs = _parties(cfg)
-    assert counts["skipped"] == 0
-    assert counts["uploaded"] == sum(len(loc.list()) - 1 for loc in locs)
+    assert counts.skipped == 0
+    assert counts.uploaded == sum(len(loc.list()) - 1 for loc in locs)
     _check_manifests(cfg, locs)
     shards = [n for n in locs[0].list() if n.endswith(".ffr")]
     assert shards and all(n.startswith("dataset/shard-") for n in shards)
@@ -105,7 +106,7 @@ def test_second_upload_uploads_nothing(tmp_path: Path) -> None:
     locs = _parties(cfg)
     before = [loc.read_bytes(contract.MANIFEST) for loc in locs]
     second = owner.upload(cfg)
-    assert second == {"uploaded": 0, "skipped": first["uploaded"], "bytes": 0}
+    assert second == UploadCounts(uploaded=0, skipped=first.uploaded, bytes=0)
     assert [loc.read_bytes(contract.MANIFEST) for loc in locs] == before
 
 
@@ -121,7 +122,7 @@ def test_truncated_object_is_uploaded_again(tmp_path: Path) -> None:
     good = party0.read_bytes(name)
     party0.write_bytes(name, good[:-8])
     counts = owner.upload(cfg)
-    assert counts["uploaded"] == 1 and counts["bytes"] == len(good)
+    assert counts.uploaded == 1 and counts.bytes == len(good)
     assert party0.read_bytes(name) == good
 
 
@@ -142,7 +143,7 @@ def test_same_size_corruption_is_uploaded_again(tmp_path: Path) -> None:
     good = party1.read_bytes("model/params.safetensors")
     party1.write_bytes("model/params.safetensors", good[:-1] + bytes([good[-1] ^ 1]))
     counts = owner.upload(cfg)
-    assert counts["uploaded"] == 1
+    assert counts.uploaded == 1
     assert party1.read_bytes("model/params.safetensors") == good
 
 
@@ -152,7 +153,7 @@ def test_new_shares_replace_old_ones_and_the_manifest(tmp_path: Path) -> None:
     old = contract.read_manifest(contract.party_location(cfg, 0)).table()
     owner.encrypt_model(cfg)  # fresh masks: new bytes for every party's parameter shares
     counts = owner.upload(cfg)
-    assert counts["uploaded"] == 2 and counts["skipped"] >= 2
+    assert counts.uploaded == 2 and counts.skipped >= 2
     locs = _parties(cfg)
     _check_manifests(cfg, locs)
     assert contract.read_manifest(locs[0]).table() != old
@@ -165,7 +166,7 @@ def test_damaged_manifest_is_rewritten(tmp_path: Path) -> None:
     party0 = contract.party_location(cfg, 0)
     party0.write_bytes(contract.MANIFEST, b"{truncated")
     counts = owner.upload(cfg)
-    assert counts["uploaded"] == len(party0.list()) - 1
+    assert counts.uploaded == len(party0.list()) - 1
     _check_manifests(cfg, _parties(cfg))
 
 
@@ -218,11 +219,11 @@ def test_upload_to_s3_with_per_party_credentials(
     first = _prepare(cfg)
     locs = _parties(cfg)
     assert [loc.url for loc in locs] == [f"{url}/{cfg.run_id}" for url in stores]
-    assert first["uploaded"] == sum(len(loc.list()) - 1 for loc in locs)
+    assert first.uploaded == sum(len(loc.list()) - 1 for loc in locs)
     _check_manifests(cfg, locs)
     _check_reconstruction(cfg, locs)
     before = [loc.read_bytes(contract.MANIFEST) for loc in locs]
-    assert owner.upload(cfg) == {"uploaded": 0, "skipped": first["uploaded"], "bytes": 0}
+    assert owner.upload(cfg) == UploadCounts(uploaded=0, skipped=first.uploaded, bytes=0)
     assert [loc.read_bytes(contract.MANIFEST) for loc in locs] == before
     # Party 1's identity can neither read nor overwrite party 0's shares.
     snoop = Location(locs[0].url, role="party-1")

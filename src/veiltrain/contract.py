@@ -118,6 +118,44 @@ class ModelSpec(_Frozen):
     parameters: dict[str, list[int]]
 
 
+class DatasetFacts(_Frozen):
+    """What encrypt_dataset returns: the public facts of the shared training set."""
+
+    count: int = Field(ge=1)
+    record_words: int = Field(ge=1)
+    sample_shape: tuple[int, ...]
+    num_classes: int = Field(ge=1)
+
+
+class ModelFacts(_Frozen):
+    """What encrypt_model returns: how many parameter tensors and values were shared."""
+
+    parameters: int = Field(ge=0)
+    values: int = Field(ge=0)
+
+
+class UploadCounts(_Frozen):
+    """What upload returns: objects copied, objects already in place, bytes copied."""
+
+    uploaded: int = 0
+    skipped: int = 0
+    bytes: int = 0
+
+    def __add__(self, other: UploadCounts) -> UploadCounts:
+        return UploadCounts(
+            uploaded=self.uploaded + other.uploaded,
+            skipped=self.skipped + other.skipped,
+            bytes=self.bytes + other.bytes,
+        )
+
+
+class TrainRun(_Frozen):
+    """What the train stage returns: where the party logs are, where the parties met."""
+
+    logs: str
+    rendezvous: str
+
+
 _Model = TypeVar("_Model", bound=BaseModel)
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from veiltrain.contract import TrainJob
+from veiltrain.contract import TrainJob, TrainRun
 from veiltrain.errors import PartyError
 from veiltrain.store import ENDPOINT_VARIABLE, credential_variables
 
@@ -142,7 +142,7 @@ def run_local(
     on_event: ProgressFn,
     logdir: str | None = None,
     entry: Sequence[str] | None = None,
-) -> dict[str, Any]:
+) -> TrainRun:
     """Run parties 0..n-1 and the dealer locally; raise PartyError naming the first to fail.
 
     entry replaces the command prefix (default PARTY_ENTRY), e.g. to start through a wrapper.
@@ -176,7 +176,7 @@ def run_local(
         _stop(procs)
         for t in threads:
             t.join(timeout=5)
-    return {"logs": str(folder), "rendezvous": rendezvous}
+    return TrainRun(logs=str(folder), rendezvous=rendezvous)
 
 
 def _drain(events: queue.Queue[dict[str, Any]], on_event: ProgressFn) -> bool:

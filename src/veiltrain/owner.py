@@ -25,8 +25,11 @@ from veiltrain.contract import (
     PRIVATE_TRAIN,
     SPEC,
     STAGED_REQUIRED,
+    DatasetFacts,
     Manifest,
+    ModelFacts,
     TrainJob,
+    UploadCounts,
     owner_location,
     party_location,
     read_manifest,
@@ -43,7 +46,7 @@ _SHARD_BYTES = 64 << 20
 # ------------------------------------------------------------------------------- data set
 
 
-def encrypt_dataset(cfg: RunConfig) -> dict[str, Any]:
+def encrypt_dataset(cfg: RunConfig) -> DatasetFacts:
     """Split the training set into per-party shares, once per run; test split stays private.
 
     A rerun with the same run id reuses the run's encryption (same record order, batch order and
@@ -62,7 +65,7 @@ def encrypt_dataset(cfg: RunConfig) -> dict[str, Any]:
             "its checkpoints were trained on the old data: start a new run (a new --run-id)"
         )
     if previous is not None and _staged(cfg):
-        return previous.dataset
+        return DatasetFacts.model_validate(previous.dataset)
     order = _record_order(owner, len(ds.x_train), reuse=previous is not None)
     info = _stage_dataset(cfg, ds, order)
     state = runstate.RunState(
@@ -73,7 +76,7 @@ def encrypt_dataset(cfg: RunConfig) -> dict[str, Any]:
         # The batch order is public to parties; it comes from its own random seed so that it
         # says nothing about --seed (which also fixes the secret initial weights).
         order_seed=previous.order_seed if previous is not None else secrets.randbits(62),
-        dataset=info,
+        dataset=info.model_dump(mode="json"),
     )
     runstate.save(owner, state)  # last: a run record means the encryption is complete
     return info
@@ -99,7 +102,7 @@ def _record_order(owner: Location, count: int, reuse: bool) -> np.ndarray[Any, A
     return order
 
 
-def _stage_dataset(cfg: RunConfig, ds: data.Dataset, order: np.ndarray[Any, Any]) -> dict[str, Any]:
+def _stage_dataset(cfg: RunConfig, ds: data.Dataset, order: np.ndarray[Any, Any]) -> DatasetFacts:
     """Encode, split and stage the records in `order`; keep the plaintext splits private."""
     x_raw, y_train = ds.x_train[order], ds.y_train[order]
     scaler = (
@@ -117,10 +120,11 @@ def _stage_dataset(cfg: RunConfig, ds: data.Dataset, order: np.ndarray[Any, Any]
     for party in range(cfg.parties):
         _clear(staging(cfg, party), "dataset")  # a rerun must not upload stale shards
     _write_shards(staging(cfg, 0).child("dataset"), share0)
-    staging(cfg, 0).write_json(INFO, {**info, "format": "ffrecord"})
+    public = info.model_dump(mode="json")
+    staging(cfg, 0).write_json(INFO, {**public, "format": "ffrecord"})
     for party, seed_share in enumerate(seed_shares, start=1):
         staging(cfg, party).write_json(
-            INFO, {**info, "format": "keystream", "seed_share": seed_share.to_json()}
+            INFO, {**public, "format": "keystream", "seed_share": seed_share.to_json()}
         )
     _save_private(cfg, ds, scaler, x_train, y_train)
     return info
@@ -131,14 +135,14 @@ def _clear(loc: Location, prefix: str) -> None:
         loc.remove(name)
 
 
-def _dataset_info(ds: data.Dataset, record_words: int) -> dict[str, Any]:
+def _dataset_info(ds: data.Dataset, record_words: int) -> DatasetFacts:
     # Shapes and counts are visible to parties by design (see the threat model).
-    return {
-        "count": len(ds.x_train),
-        "record_words": record_words,
-        "sample_shape": list(ds.sample_shape),
-        "num_classes": ds.num_classes,
-    }
+    return DatasetFacts(
+        count=len(ds.x_train),
+        record_words=record_words,
+        sample_shape=ds.sample_shape,
+        num_classes=ds.num_classes,
+    )
 
 
 def _write_shards(loc: Location, share: np.ndarray[Any, Any]) -> None:
@@ -185,7 +189,7 @@ def model_kwargs(cfg: RunConfig, sample_shape: list[int], num_classes: int) -> d
     return kwargs
 
 
-def encrypt_model(cfg: RunConfig) -> dict[str, Any]:
+def encrypt_model(cfg: RunConfig) -> ModelFacts:
     """Share the initial parameters per party as safetensors; the factory is named, not pickled.
 
     Shapes come from the run record that encrypt_dataset wrote: the data is not loaded again.
@@ -215,7 +219,7 @@ def encrypt_model(cfg: RunConfig) -> dict[str, Any]:
     for party, tensors in enumerate(_split_parameters(params, cfg)):
         staging(cfg, party).write_bytes(PARAMS, save_safetensors(tensors))
         staging(cfg, party).write_json(SPEC, spec)
-    return {"parameters": len(params), "values": sum(v.numel() for v in params.values())}
+    return ModelFacts(parameters=len(params), values=sum(v.numel() for v in params.values()))
 
 
 def _split_parameters(
@@ -270,38 +274,32 @@ def train_job(cfg: RunConfig) -> TrainJob:
 # --------------------------------------------------------------------------------- upload
 
 
-def upload(cfg: RunConfig) -> dict[str, Any]:
+def upload(cfg: RunConfig) -> UploadCounts:
     """Copy each party's staged artifacts to its store; the manifest goes last. Idempotent."""
-    summary: dict[str, Any] = {"uploaded": 0, "skipped": 0, "bytes": 0}
-    for party in range(cfg.parties):
-        counts = _upload_party(cfg, party)
-        for key in summary:
-            summary[key] += counts[key]
-    return summary
+    return sum((_upload_party(cfg, party) for party in range(cfg.parties)), UploadCounts())
 
 
-def _upload_party(cfg: RunConfig, party: int) -> dict[str, int]:
+def _upload_party(cfg: RunConfig, party: int) -> UploadCounts:
     src, dst = staging(cfg, party), party_location(cfg, party)
     names = _staged_names(src, party)
     previous = _previous_objects(dst)
     objects: dict[str, dict[str, Any]] = {}
     uploaded: dict[str, dict[str, Any]] = {}
-    counts = {"uploaded": 0, "skipped": 0, "bytes": 0}
+    skipped = 0
     for name in names:
         if name in previous and _unchanged(src, dst, name, previous[name]):
             objects[name] = previous[name]
-            counts["skipped"] += 1
+            skipped += 1
             continue
-        if counts["uploaded"] == 0 and previous:
+        if not uploaded and previous:
             dst.remove(MANIFEST)  # never leave an old manifest describing objects being replaced
         objects[name] = uploaded[name] = _copy_hashed(src, dst, name)
-        counts["uploaded"] += 1
-        counts["bytes"] += objects[name]["size"]
     check_objects(dst, uploaded, deep=True)  # read back what the store now holds
     manifest = _manifest(cfg, party, objects)
-    if counts["uploaded"] or previous.get("__manifest__") != sha256_bytes(manifest.canonical()):
+    if uploaded or previous.get("__manifest__") != sha256_bytes(manifest.canonical()):
         write_manifest(dst, manifest)
-    return counts
+    copied = sum(meta["size"] for meta in uploaded.values())
+    return UploadCounts(uploaded=len(uploaded), skipped=skipped, bytes=copied)
 
 
 def _staged_names(src: Location, party: int) -> list[str]:
