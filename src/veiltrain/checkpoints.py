@@ -12,6 +12,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
+from veiltrain.contract import ObjectMeta, read_model
 from veiltrain.errors import IntegrityError, VeiltrainError
 from veiltrain.store import Location, sha256_bytes
 
@@ -46,13 +49,24 @@ def write(loc: Location, epoch: int, blobs: Mapping[str, bytes], fields: dict[st
     loc.write_json(f"{folder(epoch)}/{RECORD}", {**fields, "epoch": epoch, "objects": objects})
 
 
-def _record(loc: Location, epoch: int, ident: Identity) -> dict[str, Any]:
-    record = loc.read_json(f"{folder(epoch)}/{RECORD}")
-    if (
-        not isinstance(record, dict)
-        or record.get("run_id") != ident.run_id
-        or record.get("settings_hash") != ident.settings_hash
-    ):
+class Record(BaseModel):
+    """checkpoint.json: which run, settings and attempt wrote an epoch's share files."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    run_id: str
+    party: int = Field(ge=0)
+    epoch: int = Field(ge=1)
+    step: int = Field(ge=0)
+    settings_hash: str
+    precision_bits: int
+    attempt: int = Field(ge=1)
+    objects: dict[str, ObjectMeta]
+
+
+def _record(loc: Location, epoch: int, ident: Identity) -> Record:
+    record = read_model(loc, f"{folder(epoch)}/{RECORD}", Record)
+    if record.run_id != ident.run_id or record.settings_hash != ident.settings_hash:
         raise IntegrityError(
             f"{loc.url}/{folder(epoch)}: belongs to another run or other settings; "
             "re-run the train stage"
@@ -65,14 +79,14 @@ def read(
 ) -> bytes:
     """One share file of a checkpoint, checked against its record, run and attempt."""
     record = _record(loc, epoch, ident)
-    if attempt is not None and record.get("attempt") != attempt:
+    if attempt is not None and record.attempt != attempt:
         raise IntegrityError(
-            f"{loc.url}/{folder(epoch)}: written by training attempt {record.get('attempt')}, "
+            f"{loc.url}/{folder(epoch)}: written by training attempt {record.attempt}, "
             f"the other parties' by {attempt}: their shares cannot be combined; re-run training"
         )
     blob = loc.read_bytes(f"{folder(epoch)}/{name}")
-    expected = record.get("objects", {}).get(name, {}).get("sha256")
-    if sha256_bytes(blob) != expected:
+    meta = record.objects.get(name)
+    if meta is None or sha256_bytes(blob) != meta.sha256:
         raise IntegrityError(f"{loc.url}/{folder(epoch)}/{name}: SHA-256 differs from {RECORD}")
     return blob
 
@@ -103,15 +117,12 @@ def _sized(loc: Location, epoch: int, ident: Identity) -> int | None:
     try:
         record = _record(loc, epoch, ident)
         sizes_match = all(
-            loc.size(f"{folder(epoch)}/{name}") == meta["size"]
-            for name, meta in record["objects"].items()
+            loc.size(f"{folder(epoch)}/{name}") == meta.size
+            for name, meta in record.objects.items()
         )
-        attempt = record["attempt"]
-        if sizes_match and int(record["epoch"]) == epoch and isinstance(attempt, int):
-            return attempt
-        return None
-    except (KeyError, TypeError, ValueError, AttributeError, VeiltrainError):
+    except VeiltrainError:
         return None  # unreadable, partial or foreign: not a resume point
+    return record.attempt if sizes_match and record.epoch == epoch else None
 
 
 def verified(loc: Location, epoch: int, ident: Identity) -> bool:
@@ -119,10 +130,10 @@ def verified(loc: Location, epoch: int, ident: Identity) -> bool:
     try:
         record = _record(loc, epoch, ident)
         return all(
-            loc.sha256(f"{folder(epoch)}/{name}") == meta["sha256"]
-            for name, meta in record["objects"].items()
+            loc.sha256(f"{folder(epoch)}/{name}") == meta.sha256
+            for name, meta in record.objects.items()
         )
-    except (KeyError, TypeError, AttributeError, VeiltrainError):
+    except VeiltrainError:
         return False
 
 
