@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 
-.PHONY: venv demo test lint typecheck unit bench clean
+.PHONY: venv demo test lint typecheck unit bench clean up deploy down schedule-on schedule-off
 
 venv: $(STAMP)
 
@@ -27,9 +27,28 @@ $(STAMP): pyproject.toml Makefile
 demo: venv
 	PREFECT_HOME=$(CURDIR)/.prefect $(BIN)/veiltrain run
 
+# Deployment mode (README "Run it for real"): state and keys in $$VEILTRAIN_STATE_DIR, default
+# ~/.local/state/veiltrain; PREFECT_PORT overrides the UI/API port 4200 on the first `make up`.
+PREFECT_PORT ?= 4200
+
+up: venv
+	$(BIN)/veiltrain stack up --prefect-port $(PREFECT_PORT)
+
+deploy: venv
+	$(BIN)/veiltrain deploy
+
+down: venv
+	$(BIN)/veiltrain stack down
+
+schedule-on: venv
+	$(BIN)/veiltrain schedule on
+
+schedule-off: venv
+	$(BIN)/veiltrain schedule off
+
 lint: venv
-	$(BIN)/ruff check src flows tasks tests bench
-	$(BIN)/ruff format --check src flows tasks tests bench
+	$(BIN)/ruff check src flows tasks tests bench scripts
+	$(BIN)/ruff format --check src flows tasks tests bench scripts
 
 typecheck: venv
 	$(BIN)/mypy

@@ -72,11 +72,27 @@ def train(cfg: RunConfig, total_steps: int) -> TrainRun:
         return launch.run_local(cfg.stores(), owner.train_job(cfg), bar, logdir=f"{cfg.out}/logs")
 
 
-@task(name="decrypt-and-report")
-def decrypt_and_report(cfg: RunConfig, stage_seconds: dict[str, float]) -> dict[str, Any]:
-    """Reconstruct on the owner, evaluate, compare with plaintext, publish artifacts."""
+# Never persisted: the report holds owner settings (data location, seed) and the result store
+# is shared with every pool in deployment mode.
+@task(name="decrypt-and-report", persist_result=False)
+def decrypt_and_report(
+    cfg: RunConfig, stage_seconds: dict[str, float], publish_metrics: bool = True
+) -> dict[str, Any]:
+    """Reconstruct on the owner, evaluate, compare with plaintext, publish artifacts.
+
+    The artifacts (decrypted loss curve, accuracy) are readable by every worker of the Prefect
+    server; publish_metrics=False keeps them in the owner's report only.
+    """
     result = report.build_report(cfg, stage_seconds)
-    _publish(cfg, result)
+    if publish_metrics:
+        _publish(cfg, result)
+    else:
+        create_markdown_artifact(
+            f"# veiltrain run {cfg.run_id}\n\nCompleted; the decrypted results are in the "
+            "owner's report only (metrics publishing is off).",
+            key=_key("report"),
+            description=f"veiltrain report, run {cfg.run_id}",
+        )
     return result
 
 

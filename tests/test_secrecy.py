@@ -146,6 +146,7 @@ _CHANGES = {
     "loss": "mse",
     "parties": 3,
     "precision_bits": 20,
+    "warm_start": "other",
 }
 
 

@@ -12,13 +12,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load as load_safetensors
 
 from veiltrain.contract import ObjectMeta, read_model
 from veiltrain.errors import IntegrityError, VeiltrainError
 from veiltrain.store import Location, sha256_bytes
 
 RECORD = "checkpoint.json"
+PARAMS_FILE = "params.safetensors"
+"""A checkpoint's parameter shares: int64 safetensors by state_dict key."""
 ATTEMPT_BITS = 63
 """Attempt ids are random 63-bit numbers: they fit a signed int64 tensor for the agreement."""
 
@@ -142,3 +146,38 @@ def common(tables: Sequence[Mapping[int, int]]) -> list[int]:
     shared = set(tables[0]).intersection(*tables[1:]) if tables else set()
     agreeing = [e for e in shared if len({table[e] for table in tables}) == 1]
     return sorted(agreeing, reverse=True)
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """The newest epoch every party holds from one attempt, and each party's epoch table."""
+
+    epoch: int
+    tables: list[dict[int, int]]
+
+    @property
+    def attempt(self) -> int:
+        """The training attempt that wrote every party's checkpoint of `epoch`."""
+        return self.tables[0][self.epoch]
+
+
+def newest_common(
+    locations: Sequence[Location], ident: Identity, max_epoch: int
+) -> Agreement | None:
+    """Newest epoch whose checkpoints every location holds from one attempt, verified by hash.
+
+    The owner's view of what the parties agree on when they resume: the report decrypts it and
+    a warm start continues from it. None when no epoch qualifies.
+    """
+    tables = [candidates(loc, ident, max_epoch) for loc in locations]
+    for epoch in common(tables):
+        if all(verified(loc, epoch, ident) for loc in locations):
+            return Agreement(epoch, tables)
+    return None
+
+
+def read_params(
+    loc: Location, epoch: int, ident: Identity, attempt: int
+) -> dict[str, torch.Tensor]:
+    """One party's parameter shares of one epoch, checked against its record and attempt."""
+    return load_safetensors(read(loc, epoch, PARAMS_FILE, ident, attempt))

@@ -14,6 +14,7 @@ from pydantic_core import PydanticUndefined
 
 from veiltrain.config import RunConfig, load_config, preflight
 from veiltrain.errors import VeiltrainError
+from veiltrain.stack import STATE_VARIABLE
 from veiltrain.summary import summary_lines
 
 _NUMBERS: dict[str, type] = {
@@ -27,7 +28,17 @@ _NUMBERS: dict[str, type] = {
     "test_fraction": float,
     "timeout_s": float,
 }
-_TEXT = ("dataset", "model", "loss", "device", "store", "owner_store", "out", "run_id")
+_TEXT = (
+    "dataset",
+    "model",
+    "loss",
+    "device",
+    "store",
+    "owner_store",
+    "out",
+    "run_id",
+    "warm_start",
+)
 
 
 def _help(field: str) -> str:
@@ -37,12 +48,7 @@ def _help(field: str) -> str:
     return f"{info.description or ''}{default}".strip()
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="veiltrain", description="Train on secret shares; only the owner decrypts."
-    )
-    sub = p.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the whole pipeline inline (local parties, local store)")
+def _run_options(run: argparse.ArgumentParser) -> None:
     for field in _TEXT:
         run.add_argument("--" + field.replace("_", "-"), help=_help(field))
     for field, kind in _NUMBERS.items():
@@ -58,7 +64,58 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--party-store", dest="party_stores", action="append", help=_help("party_stores")
     )
+
+
+def _state_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        help=f"the stack's state folder (default ${STATE_VARIABLE} or ~/.local/state/veiltrain)",
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="veiltrain", description="Train on secret shares; only the owner decrypts."
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the whole pipeline (inline by default)")
+    _run_options(run)
+    run.add_argument(
+        "--deployed",
+        action="store_true",
+        help="trigger the `pipeline` deployment on the running stack and follow it",
+    )
+    run.add_argument(
+        "--no-publish-metrics",
+        dest="publish_metrics",
+        action="store_false",
+        help="deployed: keep decrypted metrics out of Prefect artifacts (owner's report only)",
+    )
+    _state_dir(run)
+    _stack_commands(sub)
     return p
+
+
+def _stack_commands(sub: Any) -> None:
+    st = sub.add_parser("stack", help="the local deployment stack: up | down | status")
+    st.add_argument("action", choices=["up", "down", "status"])
+    st.add_argument("--parties", type=int, default=2, help="compute parties (first up only)")
+    st.add_argument("--prefect-port", type=int, help="Prefect server/UI port (default 4200)")
+    st.add_argument("--s3-port", type=int, help="SeaweedFS S3 port (default: a free port)")
+    st.add_argument("--purge", action="store_true", help="down: also delete state and keys")
+    _state_dir(st)
+    _state_dir(sub.add_parser("deploy", help="register every deployment (make deploy)"))
+    retry = sub.add_parser("retry", help="retry a failed pipeline run (the UI's Retry button)")
+    retry.add_argument("flow_run_id", help="the pipeline's flow run id")
+    _state_dir(retry)
+    sched = sub.add_parser("schedule", help="turn scheduled retraining on or off")
+    sched.add_argument("action", choices=["on", "off"])
+    _state_dir(sched)
+    prof = sub.add_parser("profile", help="save run options under a name for scheduled runs")
+    prof.add_argument("name", help="profile name (scheduled runs use 'default')")
+    _run_options(prof)
+    _state_dir(prof)
 
 
 def _json_object(text: str) -> dict[str, Any]:
@@ -71,8 +128,12 @@ def _json_object(text: str) -> dict[str, Any]:
     return value
 
 
+_NOT_RUN_OPTIONS = {"command", "deployed", "publish_metrics", "state_dir", "name"}
+
+
 def _options(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: v for k, v in vars(args).items() if k != "command" and v is not None}
+    """The run options given on the command line (RunConfig fields only)."""
+    return {k: v for k, v in vars(args).items() if k not in _NOT_RUN_OPTIONS and v is not None}
 
 
 def _prefect_defaults() -> None:
@@ -105,20 +166,28 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     return report
 
 
+def _inline(args: argparse.Namespace) -> int:
+    cfg = load_config(**_options(args)).resolved()
+    preflight(cfg)
+    started = time.monotonic()
+    report = run(cfg)
+    print(_summary(report, time.monotonic() - started))
+    print(f"report: {cfg.out}/report.json  plot: {cfg.out}/loss.png  (runs/latest -> {cfg.out})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point."""
     args = _parser().parse_args(argv)
     try:
-        cfg = load_config(**_options(args)).resolved()
-        preflight(cfg)
-        started = time.monotonic()
-        report = run(cfg)
+        if args.command == "run" and not args.deployed:
+            return _inline(args)
+        from veiltrain import stackcli
+
+        return stackcli.dispatch(args, _options(args))
     except VeiltrainError as exc:
         print(f"veiltrain: error: {exc}", file=sys.stderr)
         return 2
-    print(_summary(report, time.monotonic() - started))
-    print(f"report: {cfg.out}/report.json  plot: {cfg.out}/loss.png  (runs/latest -> {cfg.out})")
-    return 0
 
 
 if __name__ == "__main__":

@@ -76,6 +76,14 @@ class RunConfig(BaseModel):
         300.0, gt=0, le=86400, description="longest wait for any party or network"
     )
     run_id: str = Field("", description="fixed run id (default: time and random suffix)")
+    warm_start: str = Field(
+        "",
+        description=(
+            "run id of a finished run whose trained parameter shares this run starts from "
+            "(re-randomised, never decrypted); found where this run's stores are, with the "
+            "run id in their paths replaced"
+        ),
+    )
 
     @field_validator("parties")
     @classmethod
@@ -89,7 +97,7 @@ class RunConfig(BaseModel):
             raise ValueError("at most 16 parties are supported")
         return v
 
-    @field_validator("run_id")
+    @field_validator("run_id", "warm_start")
     @classmethod
     def _run_id(cls, v: str) -> str:
         if v and not _RUN_ID.match(v):
@@ -103,6 +111,16 @@ class RunConfig(BaseModel):
                 f"--party-store given {len(self.party_stores)} times for {self.parties} parties"
             )
         check_locations(self)
+        return self
+
+    @model_validator(mode="after")
+    def _not_from_itself(self) -> RunConfig:
+        if self.warm_start and self.warm_start == self.run_id:
+            # A rerun of one run id resumes from its checkpoints; it cannot also start over.
+            raise ValueError(
+                f"--warm-start {self.warm_start}: a run cannot start from itself; give the id "
+                "of a previous run (a rerun of the same --run-id resumes by itself)"
+            )
         return self
 
     def resolved(self) -> RunConfig:
@@ -241,6 +259,10 @@ def preflight(cfg: RunConfig) -> None:
     models.resolve(cfg.model)
     for url in [*cfg.stores(), cfg.owner_store]:
         _check_protocol(url)
+    if cfg.warm_start:
+        from veiltrain import warmstart  # imports the checkpoint and report machinery
+
+        warmstart.locate(cfg)
 
 
 def _check_protocol(url: str) -> None:

@@ -8,6 +8,7 @@ names the object.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass
 from typing import Any, Final, Literal, TypeVar
 
@@ -15,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from veiltrain.config import RunConfig
 from veiltrain.errors import ConfigError, IntegrityError
-from veiltrain.store import Location
+from veiltrain.store import Location, credential_variables
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT: Final = "veiltrain.party-manifest"
@@ -205,5 +206,11 @@ def staging(cfg: RunConfig, party: int) -> Location:
 
 
 def party_location(cfg: RunConfig, party: int) -> Location:
-    """Party i's own store location, with party i's credentials."""
-    return Location(cfg.stores()[party], role=f"party-{party}")
+    """Party i's store location as the owner reaches it (upload, reconstruction).
+
+    With an owner identity of its own (deployment mode: the owner's worker holds only the
+    owner's keys, which may write every party bucket) the owner uses it; inline, where one
+    machine holds every key, it uses party i's.
+    """
+    role = "owner" if all(os.environ.get(v) for v in credential_variables("owner")) else None
+    return Location(cfg.stores()[party], role=role or f"party-{party}")

@@ -37,3 +37,7 @@ class PartyError(VeiltrainError, RuntimeError):
 def is_transient(exc: BaseException) -> bool:
     """Whether waiting and retrying can help: an unreachable or slow store or network only."""
     return isinstance(exc, (StoreUnavailableError, TimeoutError, ConnectionError))
+
+
+class StackError(VeiltrainError, RuntimeError):
+    """The deployment stack or a dispatched stage failed; the message names the process or pool."""

@@ -150,8 +150,7 @@ def run_local(
     world = len(stores)
     prefix = PARTY_ENTRY if entry is None else tuple(entry)
     rendezvous = f"tcp://127.0.0.1:{free_port()}"
-    folder = Path(logdir or tempfile.mkdtemp(prefix="veiltrain-parties-"))
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = _logdir(logdir)
     procs = [
         _start(
             f"party {r}",
@@ -166,17 +165,55 @@ def run_local(
     procs.append(
         _start("dealer", _command(prefix, world, world), dealer_message, child_env(None), folder)
     )
+    _supervise(procs, job.timeout_s, on_event)
+    return TrainRun(logs=str(folder), rendezvous=rendezvous)
+
+
+def run_one(
+    rank: int,
+    world: int,
+    store: str,
+    job: TrainJob,
+    rendezvous: str,
+    *,
+    on_event: ProgressFn,
+    logdir: str | None = None,
+) -> TrainRun:
+    """Run one party (or the dealer: rank == world, no store) of a run spread over machines.
+
+    Deployment mode: each trust domain's worker runs its own process; they meet at rendezvous.
+    """
+    folder = _logdir(logdir)
+    is_dealer = rank == world
+    proc = _start(
+        "dealer" if is_dealer else f"party {rank}",
+        _command(PARTY_ENTRY, rank, world),
+        _message(job, "" if is_dealer else store, rendezvous),
+        child_env(None if is_dealer else f"party-{rank}"),
+        folder,
+    )
+    _supervise([proc], job.timeout_s, on_event)
+    return TrainRun(logs=str(folder), rendezvous=rendezvous)
+
+
+def _logdir(logdir: str | None) -> Path:
+    folder = Path(logdir or tempfile.mkdtemp(prefix="veiltrain-parties-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _supervise(procs: list[_Proc], timeout_s: float, on_event: ProgressFn) -> None:
+    """Relay events until every process exits 0; stop them all on failure or interruption."""
     events: queue.Queue[dict[str, Any]] = queue.Queue()
     threads = [threading.Thread(target=_reader, args=(p, events), daemon=True) for p in procs]
     for t in threads:
         t.start()
     try:
-        _watch(procs, job.timeout_s, events, on_event)
+        _watch(procs, timeout_s, events, on_event)
     finally:
         _stop(procs)
         for t in threads:
             t.join(timeout=5)
-    return TrainRun(logs=str(folder), rendezvous=rendezvous)
 
 
 def _drain(events: queue.Queue[dict[str, Any]], on_event: ProgressFn) -> bool:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from safetensors.torch import save as save_safetensors
 
-from veiltrain import data, models, runstate, sharing
+from veiltrain import data, models, runstate, sharing, warmstart
 from veiltrain.config import RunConfig
 from veiltrain.contract import (
     INFO,
@@ -66,6 +66,10 @@ def encrypt_dataset(cfg: RunConfig) -> DatasetFacts:
         )
     if previous is not None and _staged(cfg):
         return DatasetFacts.model_validate(previous.dataset)
+    if cfg.warm_start:  # refuse an impossible warm start before anything is encrypted
+        source = warmstart.locate(cfg)
+        spec = model_spec(cfg, list(ds.sample_shape), ds.num_classes)[1]
+        warmstart.check_model(cfg, source, spec)
     order = _record_order(owner, len(ds.x_train), reuse=previous is not None)
     info = _stage_dataset(cfg, ds, order)
     state = runstate.RunState(
@@ -189,37 +193,53 @@ def model_kwargs(cfg: RunConfig, sample_shape: list[int], num_classes: int) -> d
     return kwargs
 
 
+def model_spec(
+    cfg: RunConfig, sample_shape: list[int], num_classes: int
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model with its initial weights (from --seed) and its spec, checked against the data."""
+    kwargs = model_kwargs(cfg, sample_shape, num_classes)
+    model = models.build(cfg.model, kwargs, cfg.seed)
+    _check_forward(model, tuple(sample_shape), num_classes, cfg.model)
+    spec = {
+        "factory": cfg.model,
+        "kwargs": kwargs,
+        "sample_shape": sample_shape,
+        "num_classes": num_classes,
+        "parameters": {k: list(v.shape) for k, v in _float_state(model).items()},
+    }
+    return model, spec
+
+
+def _float_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What is shared: floating-point parameters and buffers (integer buffers keep their init)."""
+    return {k: v.detach().double() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+
 def encrypt_model(cfg: RunConfig) -> ModelFacts:
     """Share the initial parameters per party as safetensors; the factory is named, not pickled.
 
     Shapes come from the run record that encrypt_dataset wrote: the data is not loaded again.
+    With --warm-start the initial parameters are the previous run's trained shares, re-randomised
+    (veiltrain.warmstart): never decrypted, and no fresh weights from --seed.
     """
     owner = owner_location(cfg)
     state = runstate.require(owner, cfg.run_id)
     runstate.check_settings(state, cfg)
     shape, classes = list(state.dataset["sample_shape"]), int(state.dataset["num_classes"])
-    kwargs = model_kwargs(cfg, shape, classes)
-    model = models.build(cfg.model, kwargs, cfg.seed)
-    _check_forward(model, tuple(shape), classes, cfg.model)
-    params = {
-        k: v.detach().double() for k, v in model.state_dict().items() if v.is_floating_point()
-    }
-    owner.write_bytes(
-        PRIVATE_INITIAL,
-        save_safetensors({k: v.float().contiguous() for k, v in params.items()}),
-    )
-    spec = {
-        "factory": cfg.model,
-        "kwargs": kwargs,
-        "sample_shape": shape,
-        "num_classes": classes,
-        "parameters": {k: list(v.shape) for k, v in params.items()},
-    }
+    model, spec = model_spec(cfg, shape, classes)
+    if cfg.warm_start:
+        initial, per_party = warmstart.start(cfg, spec)
+    else:
+        params = _float_state(model)
+        initial = {k: v.float().contiguous() for k, v in params.items()}
+        per_party = _split_parameters(params, cfg)
+    # The report's plaintext shadow starts from this: the same model the shares start from.
+    owner.write_bytes(PRIVATE_INITIAL, save_safetensors(initial))
     owner.write_json(PRIVATE_MODEL_SPEC, spec)
-    for party, tensors in enumerate(_split_parameters(params, cfg)):
+    for party, tensors in enumerate(per_party):
         staging(cfg, party).write_bytes(PARAMS, save_safetensors(tensors))
         staging(cfg, party).write_json(SPEC, spec)
-    return ModelFacts(parameters=len(params), values=sum(v.numel() for v in params.values()))
+    return ModelFacts(parameters=len(initial), values=sum(v.numel() for v in initial.values()))
 
 
 def _split_parameters(

@@ -31,6 +31,8 @@ class Reconstruction:
     """What only the owner ever sees: the decrypted loss curve and parameters."""
 
     epochs: int
+    attempt: int
+    """The training attempt of the final checkpoint (a warm start checks it against its own)."""
     losses: list[float]
     state: dict[str, torch.Tensor]
 
@@ -40,24 +42,23 @@ def _identity(cfg: RunConfig) -> checkpoints.Identity:
     return checkpoints.Identity(cfg.run_id, state.tag)
 
 
-def common_epoch(cfg: RunConfig, ident: checkpoints.Identity) -> tuple[int, list[dict[int, int]]]:
+def common_epoch(cfg: RunConfig, ident: checkpoints.Identity) -> checkpoints.Agreement:
     """Newest epoch whose checkpoints every party holds from one attempt, verified by hash."""
     locations = [party_location(cfg, p) for p in range(cfg.parties)]
-    tables = [checkpoints.candidates(loc, ident, cfg.epochs) for loc in locations]
-    for epoch in checkpoints.common(tables):
-        if all(checkpoints.verified(loc, epoch, ident) for loc in locations):
-            return epoch, tables
-    raise IntegrityError(
-        f"no complete checkpoint of run {cfg.run_id} from one training attempt in every party "
-        f"store ({', '.join(cfg.stores())}); run the train stage"
-    )
+    found = checkpoints.newest_common(locations, ident, cfg.epochs)
+    if found is None:
+        raise IntegrityError(
+            f"no complete checkpoint of run {cfg.run_id} from one training attempt in every "
+            f"party store ({', '.join(cfg.stores())}); run the train stage"
+        )
+    return found
 
 
 def reconstruct(cfg: RunConfig) -> Reconstruction:
     """Sum every party's loss and parameter shares (mod 2^64) and decode."""
     ident = _identity(cfg)
-    epoch, tables = common_epoch(cfg, ident)
-    attempts = [_attempt_of(tables, e, cfg.run_id) for e in range(1, epoch + 1)]
+    agreed = common_epoch(cfg, ident)
+    attempts = [_attempt_of(agreed.tables, e, cfg.run_id) for e in range(1, agreed.epoch + 1)]
     parties = [_party_shares(party_location(cfg, p), ident, attempts) for p in range(cfg.parties)]
     losses = _decode([p[0] for p in parties], cfg.precision_bits)
     state = {
@@ -65,7 +66,10 @@ def reconstruct(cfg: RunConfig) -> Reconstruction:
         for name in parties[0][1]
     }
     return Reconstruction(
-        epoch, [float(v) for v in losses], {k: v.float() for k, v in state.items()}
+        agreed.epoch,
+        agreed.attempt,
+        [float(v) for v in losses],
+        {k: v.float() for k, v in state.items()},
     )
 
 
@@ -93,10 +97,7 @@ def _party_shares(
         load_safetensors(checkpoints.read(loc, e, "losses.safetensors", ident, a))["loss"]
         for e, a in enumerate(attempts, start=1)
     ]
-    last = len(attempts)
-    params = load_safetensors(
-        checkpoints.read(loc, last, "params.safetensors", ident, attempts[-1])
-    )
+    params = checkpoints.read_params(loc, len(attempts), ident, attempts[-1])
     return torch.cat(losses).numpy(), params
 
 
@@ -181,6 +182,7 @@ def build_report(cfg: RunConfig, stage_seconds: dict[str, float]) -> dict[str, A
     report = {
         **_settings(cfg),
         "epochs": rec.epochs,
+        "final_attempt": rec.attempt,
         "losses": rec.losses,
         "plaintext_losses": plain,
         "max_loss_gap": max(
@@ -198,7 +200,17 @@ def build_report(cfg: RunConfig, stage_seconds: dict[str, float]) -> dict[str, A
 
 
 def _settings(cfg: RunConfig) -> dict[str, Any]:
-    keys = ("run_id", "parties", "dataset", "model", "batch_size", "lr", "loss", "precision_bits")
+    keys = (
+        "run_id",
+        "warm_start",
+        "parties",
+        "dataset",
+        "model",
+        "batch_size",
+        "lr",
+        "loss",
+        "precision_bits",
+    )
     return {k: getattr(cfg, k) for k in keys}
 
 

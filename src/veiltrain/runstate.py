@@ -39,8 +39,13 @@ TRAINING_OPTIONS = (
     "loss",
     "parties",
     "precision_bits",
+    "warm_start",
 )
-"""Options that change what is trained; `epochs` may grow on a resume, the rest is operational."""
+"""Options that change what is trained; `epochs` may grow on a resume, the rest is operational.
+
+`warm_start` (the run a run starts from) is one of them: it fixes the initial weights. Like the
+others it reaches parties only inside the keyed tag, and their job is the same as for any run.
+"""
 
 
 @dataclass(frozen=True)
@@ -145,7 +150,8 @@ def save(owner: Location, state: RunState) -> None:
 def check_settings(state: RunState, cfg: RunConfig) -> None:
     """Refuse a config whose training options differ from what the run was encrypted with."""
     now = settings_of(cfg)
-    changed = [name for name in TRAINING_OPTIONS if state.settings.get(name) != now[name]]
+    was = {name: _stored(state, name) for name in TRAINING_OPTIONS}
+    changed = [name for name in TRAINING_OPTIONS if was[name] != now[name]]
     if state.run_id != cfg.run_id:
         raise ConfigError(
             f"owner store holds run {state.run_id!r}, not {cfg.run_id!r}; give each run its own "
@@ -153,10 +159,16 @@ def check_settings(state: RunState, cfg: RunConfig) -> None:
         )
     if changed:
         lines = [
-            f"--{name.replace('_', '-')}: was {state.settings.get(name)!r}, now {now[name]!r}"
-            for name in changed
+            f"--{name.replace('_', '-')}: was {was[name]!r}, now {now[name]!r}" for name in changed
         ]
         raise ConfigError(
             f"run {cfg.run_id} was encrypted with other training options; resume it with the "
             "same options or start a new run (a new --run-id):\n  " + "\n  ".join(lines)
         )
+
+
+def _stored(state: RunState, name: str) -> Any:
+    """A stored training option; one added after the run was recorded had its default then."""
+    if name in state.settings:
+        return state.settings[name]
+    return RunConfig.model_fields[name].get_default(call_default_factory=True)
