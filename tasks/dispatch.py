@@ -34,11 +34,11 @@ _WAITING = {StateType.SCHEDULED, StateType.PENDING}
 _FAILED = {StateType.FAILED, StateType.CRASHED, StateType.CANCELLED, StateType.CANCELLING}
 
 
-def _start(deployment: str, parameters: Mapping[str, Any]) -> UUID:
+def _start(deployment: str, parameters: Mapping[str, Any], name: str) -> UUID:
     """Create the child run (returns at once: timeout=0); a missing deployment is named."""
     try:
         run: FlowRun = run_deployment(  # type: ignore[assignment]  # sync call, not awaited
-            deployment, parameters=dict(parameters), timeout=0
+            deployment, parameters=dict(parameters), timeout=0, flow_run_name=name
         )
     except ObjectNotFound as exc:
         raise StackError(
@@ -100,7 +100,9 @@ def _result(run_id: UUID) -> dict[str, Any]:
 @task(name="dispatch", persist_result=True, task_run_name="{deployment}")
 def dispatch(deployment: str, parameters: dict[str, Any]) -> dict[str, Any]:
     """Run one stage deployment on its pool and return its JSON result."""
-    run_id = _start(deployment, parameters)
+    # Named after stage and run, so that the UI and `run --deployed` say what each child is.
+    name = f"{deployment.rsplit('/', maxsplit=1)[-1]} {parameters.get('run_id', '')}".strip()
+    run_id = _start(deployment, parameters, name)
     get_run_logger().info("dispatched %s as flow run %s", deployment, run_id)
     follow({deployment: run_id})
     return _result(run_id)
@@ -120,10 +122,11 @@ def train(job: TrainJob, stores: list[str]) -> dict[str, Any]:
         f"party {i}": _start(
             f"party/party-{i}",
             {"rank": i, "world_size": world, "rendezvous": rendezvous, "job": fields, "store": s},
+            f"party-{i} {job.run_id}",
         )
         for i, s in enumerate(stores)
     }
     dealer = {"world_size": world, "rendezvous": rendezvous, "job": fields}
-    runs["dealer"] = _start("dealer/dealer", dealer)
+    runs["dealer"] = _start("dealer/dealer", dealer, f"dealer {job.run_id}")
     follow(runs)
     return {"rendezvous": rendezvous, "parties": world}
