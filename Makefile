@@ -58,9 +58,13 @@ unit: venv
 
 test: lint typecheck unit
 
+# BENCH_MODELS=small-cnn,resnet-style adds the ResNet-style CNN (about 4 more minutes on 2 cores).
+BENCH_MODELS ?= small-cnn
+
 bench: venv
 	$(BIN)/python bench/bench_sharing.py --out bench/results/sharing.json
 	$(BIN)/python bench/bench_rng.py --out bench/results/rng.json
+	$(BIN)/python bench/bench_summary.py --models $(BENCH_MODELS) --out bench/results
 
 clean:
 	rm -rf $(VENV) .prefect .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -9,6 +9,7 @@ from typing import Any, ParamSpec, TypeVar
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
+from veiltrain import progress
 from veiltrain.config import RunConfig, preflight
 from veiltrain.flows import stages
 
@@ -19,6 +20,7 @@ R = TypeVar("R")
 def _timed(
     seconds: dict[str, float], name: str, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs
 ) -> R:
+    progress.entered(name)
     started = time.monotonic()
     result = fn(*args, **kwargs)
     seconds[name] = round(time.monotonic() - started, 3)

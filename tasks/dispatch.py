@@ -21,6 +21,7 @@ from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 from prefect.states import Cancelling
 
+from veiltrain import ownerhome, watchdog
 from veiltrain.contract import TrainJob
 from veiltrain.errors import StackError
 from veiltrain.launch import free_port
@@ -114,7 +115,19 @@ def train(job: TrainJob, stores: list[str]) -> dict[str, Any]:
 
     The rendezvous is chosen here, not passed in, so that a Retry finds this task cached once
     training completed. A re-run after a failure resumes from the newest common checkpoint.
+    This task runs in the owner's pipeline: its divergence watchdog decrypts the loss curve
+    after training and may roll back and dispatch the parties again with a lower lr. Only the
+    number of rollbacks goes into the result (shared with every pool), never a loss.
     """
+    cfg = ownerhome.load_run(job.run_id)
+    ran = watchdog.supervise(
+        cfg, job, lambda j: _train_once(j, stores), notify=get_run_logger().warning
+    )
+    return {**ran, "rollbacks": len(watchdog.load(cfg))}
+
+
+def _train_once(job: TrainJob, stores: list[str]) -> dict[str, Any]:
+    """One joint training run: the parties resume from their newest common checkpoint."""
     world = len(stores)
     rendezvous = os.environ.get(RENDEZVOUS_VARIABLE) or f"tcp://127.0.0.1:{free_port()}"
     fields = json.loads(job.to_json())

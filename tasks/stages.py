@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import base64
+import logging
 import time
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
@@ -16,12 +17,53 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
-from veiltrain import launch, owner, report
+from veiltrain import launch, owner, report, watchdog
 from veiltrain.config import RunConfig
-from veiltrain.contract import DatasetFacts, ModelFacts, TrainRun, UploadCounts
-from veiltrain.errors import is_transient
+from veiltrain.contract import DatasetFacts, ModelFacts, TrainJob, TrainRun, UploadCounts
+from veiltrain.errors import VeiltrainError, is_transient
 from veiltrain.progress import TrainingProgress
 from veiltrain.summary import summary_lines
+
+
+class ExpectedErrors(logging.Filter):
+    """Prefect logs a failed task or flow run at ERROR with its whole stack, and again in every
+    flow above it. A VeiltrainError is expected: its message already says what and what to do.
+    So it is logged once, as one line where it happened, and its stack only at DEBUG.
+
+    A logging filter on Prefect's run loggers is the mechanism Prefect's own logging.yml offers
+    for this; catching the error in each task instead would still leave the flow engines'
+    "Encountered exception" records with their stacks.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Pass every record but an expected error's: that one is re-emitted in one line."""
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, VeiltrainError) or record.levelno <= logging.DEBUG:
+            return True
+        logger = logging.getLogger(record.name)
+        stack = logging.makeLogRecord(
+            {**record.__dict__, "levelno": logging.DEBUG, "levelname": "DEBUG"}
+        )
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        if not getattr(exc, "_veiltrain_logged", False):
+            exc._veiltrain_logged = True  # type: ignore[attr-defined]
+            logger.handle(record)  # passes this filter now: it has no exception any more
+        if logger.isEnabledFor(logging.DEBUG):
+            stack.msg, stack.args = "stack of the error above: %r", (exc,)
+            logger.handle(stack)
+        return False
+
+
+def quiet_expected_errors() -> None:
+    """Install ExpectedErrors on Prefect's task and flow run loggers (idempotent)."""
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, ExpectedErrors) for f in logger.filters):
+            logger.addFilter(ExpectedErrors())
+
+
+# Every process that runs these tasks (inline CLI, deployed workers) imports this module.
+quiet_expected_errors()
 
 
 def transient_only(task: Any, task_run: Any, state: Any) -> bool:
@@ -68,8 +110,15 @@ def train(cfg: RunConfig, total_steps: int) -> TrainRun:
             update_progress_artifact(artifact, progress=round(100 * fraction, 1))
             last[0] = time.monotonic()
 
+    def run_parties(job: TrainJob) -> TrainRun:
+        return launch.run_local(cfg.stores(), job, bar, logdir=f"{cfg.out}/logs")
+
+    # The watchdog decrypts the loss curve after training and, if it diverged, rolls back and
+    # reruns the parties with a lower learning rate (veiltrain.watchdog).
     with TrainingProgress(total_steps, publish) as bar:
-        return launch.run_local(cfg.stores(), owner.train_job(cfg), bar, logdir=f"{cfg.out}/logs")
+        return watchdog.supervise(
+            cfg, owner.train_job(cfg), run_parties, notify=get_run_logger().warning
+        )
 
 
 # Never persisted: the report holds owner settings (data location, seed) and the result store
@@ -107,6 +156,11 @@ def _publish(cfg: RunConfig, result: dict[str, Any]) -> None:
         for i, (a, b) in enumerate(zip(result["losses"], result["plaintext_losses"], strict=True))
     ]
     create_table_artifact(rows, key=_key("losses"), description=f"loss curve, run {cfg.run_id}")
+    create_table_artifact(
+        result.get("reveals", []),
+        key=_key("reveals"),
+        description=f"reveal ledger, run {cfg.run_id}: every value the owner reconstructed",
+    )
     png = base64.b64encode(Path(cfg.out, "loss.png").read_bytes()).decode()
     create_markdown_artifact(
         _markdown(result, png),

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from veiltrain.config import RunConfig, load_config, preflight
 from veiltrain.errors import ConfigError, InsecureSetupError
@@ -145,9 +147,17 @@ def test_preflight_accepts_the_defaults(tmp_path: Path) -> None:
 
 
 def test_preflight_accepts_existing_npz_and_folder(tmp_path: Path) -> None:
-    (tmp_path / "d.npz").write_bytes(b"")
-    preflight(load_config(dataset=str(tmp_path / "d.npz"), out=str(tmp_path)).resolved())
-    preflight(load_config(dataset=str(tmp_path), out=str(tmp_path)).resolved())
+    # Preflight loads and checks the data, so both hold a small real data set.
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.normal(size=(40, 1, 4, 4)), y=np.arange(40) % 2)
+    for label in ("a", "b"):
+        (tmp_path / "img" / label).mkdir(parents=True)
+        for i in range(10):
+            pixels = rng.integers(0, 255, (4, 4), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "img" / label / f"{i}.png")
+    for dataset in (tmp_path / "d.npz", tmp_path / "img"):
+        cfg = load_config(dataset=str(dataset), batch_size=8, out=str(tmp_path / "run"))
+        preflight(cfg.resolved())
 
 
 @pytest.mark.parametrize("name", ["missing.npz", "missing-folder", "data.csv"])

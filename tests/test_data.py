@@ -79,8 +79,8 @@ def test_npz_class_count_includes_test_labels(tmp_path: Path) -> None:
         tmp_path / "d.npz",
         x=np.ones((10, 2)),
         y=np.arange(10) % 2,
-        x_test=np.ones((2, 2)),
-        y_test=np.array([4, 0]),
+        x_test=np.ones((3, 2)),
+        y_test=np.array([4, 2, 3]),
     )
     assert data.load(str(path), 0.2, 0, None).num_classes == 5
 

@@ -204,7 +204,7 @@ def test_report_progress_and_curves_are_prefect_artifacts(
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    keys = ["veiltrain-report", "veiltrain-losses", "veiltrain-progress"]
+    keys = ["veiltrain-report", "veiltrain-losses", "veiltrain-progress", "veiltrain-reveals"]
     with get_client(sync_client=True) as client:
         found = client.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys))
@@ -216,3 +216,5 @@ def test_report_progress_and_curves_are_prefect_artifacts(
     assert set(by_key) == set(keys)
     assert "data:image/png;base64," in str(by_key["veiltrain-report"].data)
     assert float(by_key["veiltrain-progress"].data) == 100.0  # type: ignore[arg-type]
+    reveals = json.loads(str(by_key["veiltrain-reveals"].data))
+    assert {r["what"] for r in reveals} == {"training loss", "model parameters"}

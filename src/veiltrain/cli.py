@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ _NUMBERS: dict[str, type] = {
     "max_samples": int,
     "test_fraction": float,
     "timeout_s": float,
+    "max_rollbacks": int,
 }
 _TEXT = (
     "dataset",
@@ -94,7 +96,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     _state_dir(run)
     _stack_commands(sub)
+    _audit_command(sub)
     return p
+
+
+def _audit_command(sub: Any) -> None:
+    audit = sub.add_parser(
+        "audit", help="scan party stores for anything a party should not see (exit 1 if found)"
+    )
+    audit.add_argument("locations", nargs="+", metavar="LOCATION", help="store URL or path")
+    audit.add_argument("--role", default="owner", help="whose credentials to use (S3)")
+    audit.add_argument("--json", action="store_true", help="print a JSON document")
+    audit.add_argument(
+        "--no-hash",
+        dest="hashes",
+        action="store_false",
+        help="check object sizes only (skip the full read that hashes every listed object)",
+    )
 
 
 def _stack_commands(sub: Any) -> None:
@@ -168,7 +186,9 @@ def run(cfg: RunConfig) -> dict[str, Any]:
 
 def _inline(args: argparse.Namespace) -> int:
     cfg = load_config(**_options(args)).resolved()
-    preflight(cfg)
+    # Everything checkable is checked here, before Prefect's server starts (15-30 s); inline,
+    # this process holds every role's keys, so the stores are probed too.
+    preflight(cfg, probe_stores=True)
     started = time.monotonic()
     report = run(cfg)
     print(_summary(report, time.monotonic() - started))
@@ -176,12 +196,65 @@ def _inline(args: argparse.Namespace) -> int:
     return 0
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every `finally` and atexit handler runs."""
+
+    signal = 15
+
+
+def _raise_on_sigterm(signum: int, frame: object) -> None:
+    raise Interrupted
+
+
+def _interrupted(exc: BaseException) -> int | None:
+    """The signal behind an interruption (Ctrl-C, our SIGTERM, Prefect's TerminationSignal)."""
+    if isinstance(exc, Interrupted):
+        return Interrupted.signal
+    if isinstance(exc, KeyboardInterrupt):
+        return 2
+    if type(exc).__name__ == "TerminationSignal":  # Prefect's, raised inside a running flow
+        return int(getattr(exc, "signal", 15))
+    return None
+
+
+def _say_interrupted(args: argparse.Namespace) -> None:
+    from veiltrain.progress import current_stage
+
+    stage = current_stage() or "set-up"
+    run_id = getattr(args, "run_id", None)
+    again = f"--run-id {run_id}" if run_id else "--run-id <the run id above>"
+    print(
+        f"veiltrain: interrupted during stage {stage}; its parties, dealer and Prefect server "
+        f"are stopped. Run the same command with {again} to resume: finished stages are "
+        "reused and training resumes from the newest checkpoint every party holds.",
+        file=sys.stderr,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point."""
     args = _parser().parse_args(argv)
+    # Python's default SIGTERM ends the process without unwinding: the launcher's `finally` and
+    # Prefect's atexit hook (which stops its temporary server) would never run.
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    try:
+        return _main(args)
+    except BaseException as exc:
+        signum = _interrupted(exc)
+        if signum is None:
+            raise
+        _say_interrupted(args)
+        return 128 + signum
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         if args.command == "run" and not args.deployed:
             return _inline(args)
+        if args.command == "audit":
+            from veiltrain import audit
+
+            return audit.run(args.locations, args.role, args.json, args.hashes)
         from veiltrain import stackcli
 
         return stackcli.dispatch(args, _options(args))

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from veiltrain.errors import ConfigError, InsecureSetupError
+from veiltrain.errors import ConfigError, InsecureSetupError, VeiltrainError
 from veiltrain.sharing import MAX_ENCODED_BITS
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -82,6 +82,15 @@ class RunConfig(BaseModel):
             "run id of a finished run whose trained parameter shares this run starts from "
             "(re-randomised, never decrypted); found where this run's stores are, with the "
             "run id in their paths replaced"
+        ),
+    )
+    max_rollbacks: int = Field(
+        2,
+        ge=0,
+        le=10,
+        description=(
+            "times the divergence watchdog may roll training back to the last good checkpoint "
+            "and retry with a 10x lower learning rate before the train stage fails"
         ),
     )
 
@@ -246,23 +255,100 @@ def _describe(error: Any) -> str:
     return f"{flag}: {error.get('msg', 'invalid')} (got {error.get('input')!r})"
 
 
-def preflight(cfg: RunConfig) -> None:
-    """Cheap checks before any work: the data source exists, the model and stores resolve."""
-    from veiltrain import models
+_PASSED: set[str] = set()
+"""Settings whose preflight passed in this process: the pipeline flow calls preflight again
+(for callers that skip the CLI) and need not load the data and convert the model twice."""
+
+
+def preflight(cfg: RunConfig, probe_stores: bool = False) -> None:
+    """Checks before any work, so that bad input is refused in seconds, before Prefect starts.
+
+    The data source exists and holds a trainable data set (loaded and checked as the owner's
+    stage will: shapes, labels, NaN, batch size, fixed-point range), the model factory builds a
+    model CrypTen can convert, store protocols resolve and, with probe_stores, every store
+    answers each role that writes to it (the inline run holds every role's keys; a deployed
+    run's CLI does not, so it does not probe).
+    """
+    targets = _store_targets(cfg) if probe_stores else []
+    for label, url, _ in targets:  # writes nothing: first, as cheap as the option checks
+        if _is_local(url):
+            _check_local_folder(label, url)
+    key = cfg.model_dump_json()
+    if key not in _PASSED:
+        _check_sources(cfg)
+        _PASSED.add(key)
+    for label, url, role in targets:  # last: only a run that passed everything else writes
+        if not _is_local(url):
+            _probe(label, url, role)
+    if probe_stores:
+        _check_rerun(cfg)
+
+
+def _check_sources(cfg: RunConfig) -> None:
+    from veiltrain import data
 
     if cfg.dataset != "digits":
         path = Path(cfg.dataset).expanduser()
+        if not path.exists():
+            raise ConfigError(
+                f"--dataset {cfg.dataset!r}: no such file or folder ({path.resolve()}); give "
+                "'digits', an .npz file or an image folder"
+            )
         if not (path.is_dir() or (path.suffix == ".npz" and path.is_file())):
             raise ConfigError(
-                f"--dataset {cfg.dataset!r}: not 'digits', an existing .npz file or an image folder"
+                f"--dataset {cfg.dataset!r}: not 'digits', an .npz file or an image folder; "
+                "save the data with numpy.savez(path, x=..., y=...)"
             )
-    models.resolve(cfg.model)
     for url in [*cfg.stores(), cfg.owner_store]:
         _check_protocol(url)
+    # The data first: it needs no torch, so a bad file is refused in a second or two.
+    ds = data.load(cfg.dataset, cfg.test_fraction, cfg.seed, cfg.max_samples)
+    data.check_trainable(ds, cfg.dataset, cfg.batch_size, cfg.standardize, cfg.precision_bits)
+    from veiltrain import models  # imports torch (a few seconds)
+
+    models.resolve(cfg.model)
+    source = None
     if cfg.warm_start:
         from veiltrain import warmstart  # imports the checkpoint and report machinery
 
-        warmstart.locate(cfg)
+        source = warmstart.locate(cfg)
+    spec = _check_model(cfg, list(ds.sample_shape), ds.num_classes)
+    if source is not None:
+        warmstart.check_model(cfg, source, spec)
+
+
+def _check_model(cfg: RunConfig, shape: list[int], classes: int) -> dict[str, Any]:
+    """Build the model as the owner will, then check what CrypTen and the encoder need."""
+    from veiltrain import models, owner
+
+    try:
+        model, spec = owner.model_spec(cfg, shape, classes)
+    except VeiltrainError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a user's forward() may fail in any way
+        raise ConfigError(
+            f"--model {cfg.model!r}: a forward pass on samples of shape {tuple(shape)} raised "
+            f"{type(exc).__name__}: {str(exc)[:300]}; adjust the model or --model-kwargs"
+        ) from exc
+    models.check_layers(model, cfg.model)
+    _check_weights(model, cfg)
+    models.check_convertible(model, tuple(shape), cfg.model)
+    return spec
+
+
+def _check_weights(model: Any, cfg: RunConfig) -> None:
+    """The initial weights are encoded too (encrypt_model): refuse any beyond the range."""
+    from veiltrain import sharing
+
+    for name, tensor in model.state_dict().items():
+        if not tensor.is_floating_point():
+            continue
+        try:
+            sharing.encode(tensor.detach().double().numpy(), cfg.precision_bits)
+        except ConfigError as exc:
+            raise ConfigError(
+                f"--model {cfg.model!r}: initial parameter {name!r} cannot be encoded: {exc}"
+            ) from exc
 
 
 def _check_protocol(url: str) -> None:
@@ -275,3 +361,81 @@ def _check_protocol(url: str) -> None:
         raise ConfigError(
             f"store URL {url!r}: unknown or unavailable protocol {protocol!r}"
         ) from exc
+
+
+_PROBE_TIMEOUTS = {"connect_timeout": 3, "read_timeout": 10, "retries": {"max_attempts": 1}}
+"""A probe asks once and briefly: an unreachable store should be refused in seconds, not after
+the run's retries (which are for a store that goes away during a run)."""
+
+
+def _store_targets(cfg: RunConfig) -> list[tuple[str, str, str]]:
+    """(what, URL, role) for every store the run writes, once per role that writes there.
+
+    Remote stores are probed by writing and deleting one empty object (a failed probe leaves
+    nothing behind); local folders only get the check that they can be created.
+    """
+    from veiltrain.contract import party_location
+
+    targets = [("--owner-store", cfg.owner_store, "owner")]
+    for i, url in enumerate(cfg.stores()):
+        roles = dict.fromkeys([party_location(cfg, i).role, f"party-{i}"])  # ordered, no repeats
+        targets += [(f"party {i}'s store", url, role) for role in roles]
+    return targets
+
+
+def _check_rerun(cfg: RunConfig) -> None:
+    """A rerun of a --run-id resumes its checkpoints: refuse other training options now rather
+    than in the pipeline's first stage (the same check, runstate.check_settings)."""
+    from veiltrain import runstate
+    from veiltrain.contract import owner_location
+
+    previous = runstate.load(owner_location(cfg))
+    if previous is not None:
+        runstate.check_settings(previous, cfg)
+
+
+def _is_local(url: str) -> bool:
+    protocol = url.split("://", 1)[0].lower() if "://" in url else "file"
+    return protocol in ("file", "local")
+
+
+def _check_local_folder(label: str, url: str) -> None:
+    import os
+
+    path = Path(url.split("://", 1)[1] if "://" in url else url).expanduser().resolve()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"{label} {url}: cannot be created or written, {existing} is not a folder this "
+            "user may write to; choose another location or fix the permissions"
+        )
+
+
+def _probe(label: str, url: str, role: str) -> None:
+    from veiltrain.store import Location, credential_variables, s3_options
+
+    options: dict[str, Any] = {}
+    if url.startswith(("s3://", "s3a://")):
+        options = {**s3_options(role), "config_kwargs": _PROBE_TIMEOUTS}
+    where = f"{label} {url} (role {role}, keys {'/'.join(credential_variables(role))})"
+    loc = Location(url, role=role, **options)
+    name = loc.path(f".veiltrain-preflight-{secrets.token_hex(4)}")
+    _probe_call(where, "nothing was written", loc.fs.pipe_file, name, b"")
+    _probe_call(where, f"remove the empty object {name} by hand", loc.fs.rm_file, name)
+
+
+def _probe_call(where: str, left: str, fn: Any, *args: Any) -> None:
+    from veiltrain.errors import StoreError
+    from veiltrain.store import STORE_FAILURES, store_error
+
+    try:
+        fn(*args)
+    except FileNotFoundError as exc:
+        raise StoreError(f"{where}: the bucket does not exist; create it or fix the URL") from exc
+    except STORE_FAILURES as exc:
+        if type(exc).__name__ == "NoCredentialsError":  # botocore's; found no keys anywhere
+            raise StoreError(
+                f"{where}: no credentials for this role; set both variables (nothing was written)"
+            ) from exc
+        error = store_error(where, exc)
+        raise type(error)(f"{error} (preflight; {left})") from exc

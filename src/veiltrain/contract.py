@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from typing import Any, Final, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -52,6 +53,14 @@ class TrainJob:
     invertible (veiltrain.runstate)."""
     device: str = "cpu"
     timeout_s: float = 300.0
+    lr_from_epoch: dict[int, float] = field(default_factory=dict)
+    """Learning-rate changes, epoch -> lr from that epoch on (the divergence watchdog's backoff);
+    empty: `lr` throughout. Public like `lr`, and outside the settings tag, so that the
+    checkpoints of the epochs before a change still resume."""
+
+    def lr_at(self, epoch: int) -> float:
+        """The learning rate of one epoch (1-based)."""
+        return lr_at(self.lr, self.lr_from_epoch, epoch)
 
     def to_json(self) -> str:
         """Serialise for the launch message on stdin or a flow parameter."""
@@ -59,11 +68,26 @@ class TrainJob:
 
     @classmethod
     def from_json(cls, text: str) -> TrainJob:
-        """Parse, refusing unknown or missing fields."""
+        """Parse, refusing unknown or missing fields (a message without lr_from_epoch, from
+        before it existed, means a constant lr)."""
         try:
-            return cls(**json.loads(text))
-        except (TypeError, json.JSONDecodeError) as exc:
+            fields = json.loads(text)
+            # JSON object keys are strings; the epochs are ints again here.
+            changes = {int(k): float(v) for k, v in fields.pop("lr_from_epoch", {}).items()}
+            if any(e < 1 or not v > 0 for e, v in changes.items()):
+                raise ValueError(f"lr_from_epoch {changes}: epochs from 1, rates above 0")
+            return cls(**fields, lr_from_epoch=changes)
+        except (TypeError, ValueError, AttributeError) as exc:  # JSONDecodeError is a ValueError
             raise ConfigError(f"train job is malformed: {exc}") from exc
+
+
+def lr_at(lr: float, changes: Mapping[int, float], epoch: int) -> float:
+    """The lr of `epoch`: that of the latest change at or before it, else the base `lr`.
+
+    One rule for the parties (TrainJob.lr_at) and the owner's plaintext shadow, so they agree.
+    """
+    started = [e for e in changes if e <= epoch]
+    return changes[max(started)] if started else lr
 
 
 class _Frozen(BaseModel):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,6 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 from veiltrain.errors import ConfigError
+from veiltrain.sharing import MAX_ENCODED_ABS, MAX_ENCODED_BITS
 
 Array = npt.NDArray[Any]
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff"}
@@ -73,45 +76,101 @@ def _digits() -> tuple[Array, Array, None, None, list[str]]:
 def _npz(path: Path) -> tuple[Array, Array, Array | None, Array | None, list[str]]:
     if not path.is_file():
         raise ConfigError(f"--dataset {path}: no such file")
-    # allow_pickle=False: an .npz from elsewhere must not be able to run code here.
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except (ValueError, OSError) as exc:
-        raise ConfigError(
-            f"--dataset {path}: not a readable .npz of numeric arrays ({exc}); object arrays "
-            "are refused because loading them would unpickle"
-        ) from exc
+    arrays = _npz_arrays(path)
     for key in ("x", "y"):
         if key not in arrays:
             raise ConfigError(f"--dataset {path}: needs arrays 'x' and 'y', has {sorted(arrays)}")
     if ("x_test" in arrays) != ("y_test" in arrays):
         raise ConfigError(f"--dataset {path}: give both 'x_test' and 'y_test' or neither")
-    test_labels = arrays.get("y_test", np.empty(0, dtype=arrays["y"].dtype))
-    labels = np.concatenate([arrays["y"].ravel(), test_labels.ravel()])
-    classes = _check_labels(labels, path)
     xt, yt = arrays.get("x_test"), arrays.get("y_test")
     _check_features(arrays["x"], arrays["y"], path, "x")
     if xt is not None and yt is not None:
         _check_features(xt, yt, path, "x_test")
+    test_labels = arrays.get("y_test", np.empty(0, dtype=arrays["y"].dtype))
+    classes = _check_labels(arrays["y"].ravel(), test_labels.ravel(), path)
     return arrays["x"], arrays["y"].ravel(), xt, None if yt is None else yt.ravel(), classes
 
 
-def _check_labels(labels: Array, path: Path) -> list[str]:
-    if labels.size == 0 or not np.issubdtype(labels.dtype, np.integer):
-        raise ConfigError(f"--dataset {path}: 'y' must hold integer class labels")
-    if labels.min() < 0:
-        raise ConfigError(f"--dataset {path}: labels must be 0..K-1, found {labels.min()}")
-    return [str(c) for c in range(int(labels.max()) + 1)]
+def _npz_arrays(path: Path) -> dict[str, Array]:
+    """Every array of an .npz, never unpickling; each way of not being one gets its own words."""
+    # np.load falls back to pickle for a file that is neither zip nor .npy, and with pickles
+    # refused it then blames "pickled (object) data": say what the file really is instead.
+    if not zipfile.is_zipfile(path):
+        raise ConfigError(
+            f"--dataset {path}: not an .npz file (not a zip archive; an .npz is what "
+            "numpy.savez(path, x=..., y=...) writes); check the path or re-save the data"
+        )
+    try:
+        # allow_pickle=False: an .npz from elsewhere must not be able to run code here.
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (ValueError, OSError, zipfile.BadZipFile) as exc:
+        if "allow_pickle" in str(exc):
+            raise ConfigError(
+                f"--dataset {path}: holds object arrays, which cannot be read without "
+                "unpickling (that could run code); save plain numeric arrays "
+                "(x.astype(float), y.astype(int))"
+            ) from exc
+        raise ConfigError(
+            f"--dataset {path}: a damaged or unreadable .npz ({exc}); re-save it with numpy.savez"
+        ) from exc
+    odd = sorted(k for k, v in arrays.items() if not isinstance(v, np.ndarray))
+    if odd:  # numpy hands back raw bytes for a zip member that is not an .npy array
+        raise ConfigError(
+            f"--dataset {path}: members {odd} are not numpy arrays; re-save it with numpy.savez"
+        )
+    return arrays
+
+
+def _check_labels(train: Array, test: Array, path: Path) -> list[str]:
+    """Labels are class numbers 0..K-1, every class present: anything else is a mislabelling."""
+    labels = np.concatenate([train, test])
+    if labels.dtype.kind not in "iu":
+        raise ConfigError(
+            f"--dataset {path}: 'y' must hold integer class labels 0..K-1, got dtype "
+            f"{labels.dtype}; convert them, e.g. y.astype(int)"
+        )
+    found = np.unique(labels)
+    if found[0] != 0 or found[-1] != len(found) - 1:
+        raise ConfigError(
+            f"--dataset {path}: labels must be 0..K-1 with every class present; found "
+            f"{len(found)} distinct labels from {found[0]} to {found[-1]} ({_listed(found)}). "
+            "Number the classes from 0, e.g. y = numpy.unique(y, return_inverse=True)[1]"
+        )
+    if len(found) < 2:
+        raise ConfigError(
+            f"--dataset {path}: every label is {found[0]}; a classifier needs at least 2 classes"
+        )
+    return [str(c) for c in range(len(found))]
+
+
+def _listed(values: Array, most: int = 8) -> str:
+    shown = ", ".join(str(v) for v in values[:most])
+    return shown + (", ..." if len(values) > most else "")
 
 
 def _check_features(x: Array, y: Array, path: Path, key: str) -> None:
-    if not np.issubdtype(x.dtype, np.number) or x.ndim < 2:
-        raise ConfigError(f"--dataset {path}: {key!r} must be a numeric array of shape N x ...")
+    if x.dtype.kind not in "iuf" or x.ndim < 2:
+        raise ConfigError(
+            f"--dataset {path}: {key!r} must be a real-valued numeric array of shape N x ..., "
+            f"got dtype {x.dtype} and shape {x.shape}"
+        )
     if len(x) != len(y.ravel()):
-        raise ConfigError(f"--dataset {path}: {key!r} has {len(x)} rows but its labels {len(y)}")
-    if not np.isfinite(x).all():
-        raise ConfigError(f"--dataset {path}: {key!r} holds NaN or infinite values")
+        labels = "y" if key == "x" else "y_test"
+        raise ConfigError(
+            f"--dataset {path}: {key!r} has {len(x)} rows but {labels!r} has {len(y.ravel())} "
+            "labels; give one label per sample"
+        )
+    if len(x) == 0:
+        raise ConfigError(f"--dataset {path}: {key!r} and its labels hold no samples (0 rows)")
+    finite = np.isfinite(x)
+    if not finite.all():
+        n_nan, bad = int(np.isnan(x).sum()), int(x.size - np.count_nonzero(finite))
+        first = int(np.flatnonzero(~finite.reshape(len(x), -1).all(axis=1))[0])
+        raise ConfigError(
+            f"--dataset {path}: {key!r} holds {n_nan} NaN and {bad - n_nan} infinite values "
+            f"(first in sample {first}); remove or impute them before sharing"
+        )
 
 
 def _image_dir(path: Path) -> tuple[Array, Array, None, None, list[str]]:
@@ -158,6 +217,60 @@ def _holdout(x: Array, y: Array, fraction: float, source: str) -> tuple[Array, A
     if len(x) - n_test < 2:
         raise ConfigError(f"--dataset {source}: {len(x)} samples leave too few to train on")
     return x[n_test:], y[n_test:], x[:n_test], y[:n_test]
+
+
+def check_trainable(
+    ds: Dataset, source: str, batch_size: int, standardize: bool, precision_bits: int
+) -> None:
+    """Refuse, before any work, a split that training would choke on (preflight)."""
+    count = len(ds.x_train)
+    if batch_size > count:
+        raise ConfigError(
+            f"--batch-size {batch_size} is larger than the training set of --dataset {source}: "
+            f"{count} samples (after --max-samples and the held-out test split); use "
+            f"--batch-size {count} or less, or more data"
+        )
+    _check_encodable(ds.x_train, source, standardize, precision_bits)
+
+
+def _check_encodable(x: Array, source: str, standardize: bool, precision_bits: int) -> None:
+    """What sharing.encode would refuse mid-run: features as encoded, standardised or not.
+
+    Per-feature extremes are enough (standardising is monotonic per feature), so no
+    standardised copy of the data is made here.
+    """
+    flat = x.reshape(len(x), -1)
+    lo, hi = flat.min(axis=0), flat.max(axis=0)
+    if standardize:
+        scaler = Standardizer.fit(flat)
+        lo, hi = scaler.apply(lo), scaler.apply(hi)
+    largest = float(max(np.abs(lo).max(), np.abs(hi).max()))
+    if np.rint(np.ldexp(largest, precision_bits)) < MAX_ENCODED_ABS:
+        return
+    limit = math.ldexp(1.0, MAX_ENCODED_BITS - precision_bits)
+    what = "after standardisation" if standardize else "with --no-standardize"
+    fix = (
+        "clip or remove the outliers"
+        if standardize
+        else "drop --no-standardize (features are then standardised with owner-only statistics) "
+        "or scale the features yourself"
+    )
+    bits = _fitting_precision(largest)
+    if bits >= 8:
+        fix += f", or lower --precision-bits to {bits} (each bit less doubles the range)"
+    raise ConfigError(
+        f"--dataset {source}: the largest feature magnitude {what} is {largest:g}, beyond the "
+        f"fixed-point range |x| < {limit:g} of --precision-bits {precision_bits} (values are "
+        f"encoded as x * 2^{precision_bits} and must stay below 2^{MAX_ENCODED_BITS}); {fix}"
+    )
+
+
+def _fitting_precision(largest: float) -> int:
+    """The most fractional bits that still encode `largest` within the safe range."""
+    bits = MAX_ENCODED_BITS - 1
+    while bits > 0 and np.rint(np.ldexp(largest, bits)) >= MAX_ENCODED_ABS:
+        bits -= 1
+    return bits
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import signal
 import socket
 import subprocess
 import sys
@@ -238,10 +239,11 @@ def _watch(
         codes = [p.popen.poll() for p in procs]
         failed = [p for p, c in zip(procs, codes, strict=True) if c not in (None, 0)]
         if failed:
-            first = min(failed, key=lambda p: p.log_path.stat().st_mtime)
+            first = _culprit(failed)
             raise PartyError(
-                f"{first.name} failed (exit {first.popen.returncode}): {first.summary()} "
-                f"(full log: {first.log_path})"
+                f"{first.name} {_exit(first.popen.returncode)}: {first.summary()} "
+                f"(full log: {first.log_path}); a rerun of the stage resumes from the newest "
+                "checkpoint every party holds"
             )
         if all(c == 0 for c in codes):
             time.sleep(0.05)  # let the readers hand over the last lines
@@ -251,6 +253,23 @@ def _watch(
             waiting = ", ".join(p.name for p, c in zip(procs, codes, strict=True) if c is None)
             raise PartyError(f"no progress for {timeout_s:.0f} s; still running: {waiting}")
         time.sleep(0.2)
+
+
+def _culprit(failed: list[_Proc]) -> _Proc:
+    """The process that most likely failed first: one killed by a signal (its peers then fail
+    on the broken connection), else the one whose log changed first."""
+    killed = [p for p in failed if (p.popen.returncode or 0) < 0]
+    return min(killed or failed, key=lambda p: p.log_path.stat().st_mtime)
+
+
+def _exit(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"was killed ({name})"
+    return f"failed (exit {code})"
 
 
 def _stop(procs: list[_Proc]) -> None:

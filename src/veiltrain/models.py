@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from veiltrain.errors import ConfigError
+from veiltrain.errors import ConfigError, VeiltrainError
 
 _REFERENCE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
@@ -104,6 +104,11 @@ def resolve(reference: str) -> Callable[..., nn.Module]:
             f"--model {reference!r}: cannot import {attr!r} from {module_name!r} ({exc}); "
             "check that the module is importable (on PYTHONPATH) on every party"
         ) from exc
+    except Exception as exc:  # noqa: BLE001 - a user's module may fail in any way on import
+        raise ConfigError(
+            f"--model {reference!r}: importing {module_name!r} raised "
+            f"{_one_line(exc)}; fix that module"
+        ) from exc
     if not callable(factory):
         raise ConfigError(f"--model {reference!r}: {attr!r} is not callable")
     return factory  # type: ignore[no-any-return]
@@ -122,6 +127,99 @@ def build(reference: str, kwargs: Mapping[str, Any], seed: int) -> nn.Module:
             model = factory(**kwargs)
     except TypeError as exc:
         raise ConfigError(f"--model-kwargs {dict(kwargs)} do not fit {reference!r}: {exc}") from exc
+    except VeiltrainError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a user's factory may fail in any way
+        raise ConfigError(
+            f"--model {reference!r}: the factory raised {_one_line(exc)} when called with "
+            f"--model-kwargs {dict(kwargs)}; fix the factory or its arguments"
+        ) from exc
     if not isinstance(model, nn.Module):
         raise ConfigError(f"--model {reference!r} returned {type(model).__name__}, not nn.Module")
     return model
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """`Type: message` on one line, cut short: enough to name a failure without a traceback."""
+    text = " ".join(str(exc).split())
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.Hardtanh,
+    nn.Sigmoid,
+    nn.GELU,
+    nn.SiLU,
+    nn.Softmax,
+    nn.LogSoftmax,
+    nn.AvgPool2d,
+    nn.MaxPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.Dropout,
+    nn.Flatten,
+    nn.Identity,
+)
+"""torch.nn layers that CrypTen 0.4.1 (with veiltrain.compat) converts and trains correctly.
+
+Each was converted, run forward and backward on shares and compared with torch (NOTES.md, issue
+9; tests/test_bad_input.py converts each). Left out on purpose: layers CrypTen cannot convert
+(Tanh, LeakyReLU, ELU, PReLU, Softplus, LayerNorm, GroupNorm, InstanceNorm, ConvTranspose,
+Upsample, recurrent layers, Embedding), layers that convert but fail when run (Conv3d,
+Dropout1d/2d/3d, padding layers) and, worse, ones that run with wrong results (AvgPool1d and
+MaxPool1d change the shape).
+"""
+_CONTAINERS: tuple[type[nn.Module], ...] = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def supported_layer_names() -> str:
+    """The supported torch.nn layers, for messages."""
+    return ", ".join(t.__name__ for t in SUPPORTED_LAYERS)
+
+
+def check_layers(model: nn.Module, reference: str) -> None:
+    """Refuse torch.nn layers CrypTen cannot run; a user's own module classes are judged by
+    the conversion (check_convertible), since what they compute is in their forward()."""
+    bad = [
+        f"layer {name or 'the model itself'!r} ({type(module).__name__})"
+        for name, module in model.named_modules()
+        if _is_torch_layer(module) and not isinstance(module, SUPPORTED_LAYERS + _CONTAINERS)
+    ]
+    if bad:
+        raise ConfigError(
+            f"--model {reference!r}: CrypTen cannot train {', '.join(bad)}. Layers it can: "
+            f"{supported_layer_names()} (in Sequential, ModuleList, ModuleDict or your own "
+            "modules); replace the others"
+        )
+
+
+def _is_torch_layer(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("torch.")
+
+
+def check_convertible(model: nn.Module, sample_shape: tuple[int, ...], reference: str) -> None:
+    """Convert the model as every party will (ONNX, then CrypTen); refuse it if that fails.
+
+    This catches what the layer list cannot see: operations in a forward() (torch.tanh, a
+    padding, an indexing) that CrypTen has no counterpart for. It imports CrypTen (about 1 s).
+    """
+    from veiltrain import mpc  # CrypTen, patched; only the owner's preflight needs it here
+
+    model.train()  # as the parties convert it
+    try:
+        mpc.to_crypten(model, torch.zeros((1, *sample_shape)))
+    except Exception as exc:  # noqa: BLE001 - the exporter and converter raise many types
+        raise ConfigError(
+            f"--model {reference!r}: CrypTen cannot convert this model ({_one_line(exc)}). "
+            f"Layers it can train: {supported_layer_names()}; in forward() use operations "
+            "that map to them (e.g. torch.relu, flatten, +, matrix products)"
+        ) from exc

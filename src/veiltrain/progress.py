@@ -1,4 +1,4 @@
-"""Terminal progress for training: a rich progress bar with ETA fed by party events."""
+"""Progress: a rich bar with ETA fed by party events, and which stage this process is in."""
 
 from __future__ import annotations
 
@@ -56,3 +56,16 @@ class TrainingProgress:
             self._bar.update(self._task, completed=int(event["global_step"]))
             if self.on_fraction is not None:
                 self.on_fraction(int(event["global_step"]) / self.total)
+
+
+_STAGES: list[str] = []
+
+
+def entered(stage: str) -> None:
+    """Note the stage now running, so that an interrupted run can say which one it was."""
+    _STAGES.append(stage)
+
+
+def current_stage() -> str | None:
+    """The stage entered last in this process, if any."""
+    return _STAGES[-1] if _STAGES else None

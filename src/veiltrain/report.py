@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from veiltrain import checkpoints, data, models, runstate, schedule, sharing
+from veiltrain import audit, checkpoints, data, ledger, models, runstate, schedule
 from veiltrain.config import RunConfig
 from veiltrain.contract import (
     PRIVATE_INITIAL,
@@ -18,12 +19,15 @@ from veiltrain.contract import (
     PRIVATE_TEST,
     PRIVATE_TRAIN,
     ModelSpec,
+    lr_at,
     owner_location,
     party_location,
     read_model,
 )
 from veiltrain.errors import IntegrityError
 from veiltrain.store import Location, read_npz
+from veiltrain.watchdog import Rollback, lr_changes
+from veiltrain.watchdog import load as load_rollbacks
 
 
 @dataclass(frozen=True)
@@ -54,17 +58,40 @@ def common_epoch(cfg: RunConfig, ident: checkpoints.Identity) -> checkpoints.Agr
     return found
 
 
-def reconstruct(cfg: RunConfig) -> Reconstruction:
-    """Sum every party's loss and parameter shares (mod 2^64) and decode."""
+def reconstruct(cfg: RunConfig, model: bool = True, purpose: str = "report") -> Reconstruction:
+    """Sum every party's loss and (unless model=False) parameter shares mod 2^64, and decode.
+
+    purpose says in the ledger why the owner revealed them (the report, the watchdog's check).
+    """
     ident = _identity(cfg)
     agreed = common_epoch(cfg, ident)
     attempts = [_attempt_of(agreed.tables, e, cfg.run_id) for e in range(1, agreed.epoch + 1)]
     parties = [_party_shares(party_location(cfg, p), ident, attempts) for p in range(cfg.parties)]
-    losses = _decode([p[0] for p in parties], cfg.precision_bits)
-    state = {
-        name: torch.from_numpy(_decode([p[1][name].numpy() for p in parties], cfg.precision_bits))
-        for name in parties[0][1]
-    }
+    # Every reconstruction goes through the ledger: the report lists what was revealed.
+    steps = f"1-{len(parties[0][0])}"
+    losses = ledger.reveal(
+        cfg.out,
+        cfg.run_id,
+        "training loss",
+        [p[0] for p in parties],
+        cfg.precision_bits,
+        epochs=agreed.epoch,
+        steps=steps,
+        purpose=purpose,
+    )
+    state: dict[str, torch.Tensor] = {}
+    if model:
+        named = {name: [p[1][name].numpy() for p in parties] for name in parties[0][1]}
+        decoded = ledger.reveal_many(
+            cfg.out,
+            cfg.run_id,
+            "model parameters",
+            named,
+            cfg.precision_bits,
+            epoch=agreed.epoch,
+            purpose=purpose,
+        )
+        state = {name: torch.from_numpy(values) for name, values in decoded.items()}
     return Reconstruction(
         agreed.epoch,
         agreed.attempt,
@@ -83,10 +110,6 @@ def _attempt_of(tables: list[dict[int, int]], epoch: int, run_id: str) -> int:
             "the train stage"
         )
     return int(attempts.pop() or 0)
-
-
-def _decode(shares: list[np.ndarray[Any, Any]], precision_bits: int) -> np.ndarray[Any, Any]:
-    return sharing.decode(sharing.reconstruct(shares), precision_bits)
 
 
 def _party_shares(
@@ -118,9 +141,12 @@ def accuracy(model: torch.nn.Module, x: np.ndarray[Any, Any], y: np.ndarray[Any,
 
 
 def shadow_training(
-    cfg: RunConfig, order_seed: int, epochs: int
+    cfg: RunConfig, order_seed: int, epochs: int, rollbacks: Sequence[Rollback] = ()
 ) -> tuple[torch.nn.Module, list[float]]:
-    """Plaintext training with the same initial weights, batches and schedule, for parity."""
+    """Plaintext training with the same initial weights, batches and schedule, for parity.
+
+    `rollbacks` (the divergence watchdog's) lower the lr from their epochs on, as for the parties.
+    """
     owner = owner_location(cfg)
     train = read_npz(owner, PRIVATE_TRAIN)
     initial = load_safetensors(owner.read_bytes(PRIVATE_INITIAL))
@@ -132,6 +158,8 @@ def shadow_training(
     steps = schedule.steps_per_epoch(len(x), cfg.batch_size)
     for epoch in range(1, epochs + 1):
         order = data.batch_order(len(x), epoch, order_seed)
+        for group in opt.param_groups:  # plain SGD has no state: changing lr is exact
+            group["lr"] = lr_at(cfg.lr, lr_changes(rollbacks), epoch)
         for step in range(steps):
             idx = torch.from_numpy(order[step * cfg.batch_size : (step + 1) * cfg.batch_size])
             loss = _plain_loss(cfg.loss, model(x[idx]), y[idx], classes)
@@ -177,7 +205,8 @@ def build_report(cfg: RunConfig, stage_seconds: dict[str, float]) -> dict[str, A
     test = read_npz(owner, PRIVATE_TEST)
     model = restore_model(cfg, rec.state)
     order_seed = runstate.require(owner, cfg.run_id).order_seed  # what the parties were given
-    shadow, plain = shadow_training(cfg, order_seed, rec.epochs)
+    rollbacks = load_rollbacks(cfg)  # the watchdog's: the shadow replays their learning rates
+    shadow, plain = shadow_training(cfg, order_seed, rec.epochs, rollbacks)
     acc, plain_acc = accuracy(model, test["x"], test["y"]), accuracy(shadow, test["x"], test["y"])
     report = {
         **_settings(cfg),
@@ -194,6 +223,10 @@ def build_report(cfg: RunConfig, stage_seconds: dict[str, float]) -> dict[str, A
         "test_samples": len(test["y"]),
         "stage_seconds": stage_seconds,
         "party_stores": cfg.stores(),
+        # What each party can read in its own store, checked after training (veiltrain.audit).
+        "audit": audit.party_results([party_location(cfg, p) for p in range(cfg.parties)]),
+        "reveals": ledger.entries(cfg.out, cfg.run_id),
+        "rollbacks": [asdict(r) for r in rollbacks],
     }
     _write_outputs(cfg, report, model)
     return report

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -200,6 +201,11 @@ def store_error(where: str, exc: BaseException) -> StoreError:
     """
     if isinstance(exc, StoreError):
         return exc
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return StoreError(
+            f"{where}: the disk is full; free space and rerun the stage (writes are all or "
+            "nothing: no half-written object was left)"
+        )
     if isinstance(exc, FileNotFoundError):
         return StoreError(f"{where}: not found; check the URL, or run the stage that writes it")
     if isinstance(exc, PermissionError):

@@ -14,6 +14,8 @@ def summary_lines(report: dict[str, Any], seconds: float | None = None) -> list[
     r = report
     took = "" if seconds is None else f" in {seconds:.0f} s"
     stages = ", ".join(f"{name} {s:.1f}s" for name, s in r["stage_seconds"].items())
+    audit = [_audit_line(r["audit"])] if "audit" in r else []
+    rollbacks = [_rollback_line(r["rollbacks"])] if r.get("rollbacks") else []
     return [
         f"veiltrain run {r['run_id']}: {r['parties']} parties, {r['epochs']} epochs, "
         f"{len(r['losses'])} steps{took}",
@@ -22,4 +24,27 @@ def summary_lines(report: dict[str, Any], seconds: float | None = None) -> list[
         f"largest loss gap vs plaintext:     {r['max_loss_gap']:.4f}",
         f"final loss: {r['losses'][-1]:.4f} (plaintext {r['plaintext_losses'][-1]:.4f})",
         f"stages: {stages}",
+        *audit,
+        *rollbacks,
     ]
+
+
+def _rollback_line(rollbacks: list[dict[str, Any]]) -> str:
+    """'divergence watchdog: 1 rollback (epoch 1 -> lr 2); see report.json'."""
+    steps = ", ".join(f"epoch {r['epoch']} -> lr {r['lr']:g}" for r in rollbacks)
+    plural = "s" if len(rollbacks) > 1 else ""
+    return f"divergence watchdog: {len(rollbacks)} rollback{plural} ({steps}); see report.json"
+
+
+def _audit_line(stores: list[dict[str, Any]]) -> str:
+    """'audit: 2 party stores clean', or how many findings in how many stores."""
+    dirty = [s for s in stores if not s["clean"]]
+    if not dirty:
+        return f"audit: {len(stores)} party stores clean"
+    findings = sum(len(s["findings"]) for s in dirty)
+    unread = sum(1 for s in dirty if "error" in s)
+    return (
+        f"audit: {findings} findings in {len(dirty)} of {len(stores)} party stores"
+        + (f" ({unread} could not be read)" if unread else "")
+        + "; see report.json"
+    )

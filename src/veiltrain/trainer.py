@@ -97,6 +97,7 @@ class Trainer:
 
     def _epoch(self, cmodel: Any, loss_fn: Any, epoch: int) -> list[torch.Tensor]:
         order = data.batch_order(self.data.count, epoch, self.job.order_seed)
+        lr = self.job.lr_at(epoch)  # lower from an epoch the owner's watchdog rolled back
         losses = []
         for step in range(self.steps_per_epoch):
             idx = order[step * self.job.batch_size : (step + 1) * self.job.batch_size]
@@ -105,7 +106,7 @@ class Trainer:
             loss = loss_fn(cmodel(xe), ye)
             cmodel.zero_grad()
             loss.backward()
-            mpc.sgd_step(cmodel, self.job.lr)
+            mpc.sgd_step(cmodel, lr)
             losses.append(mpc.share_of(loss).reshape(1))
             emit(
                 "step",
