@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from veiltrain import mpc, party, trainer
+from veiltrain import losses, mpc, party, trainer
 from veiltrain.party_data import PartyData
 
 # Timestamps of the current step, set by the wrappers below (one party process, one thread).
@@ -59,19 +59,15 @@ def _timed_from_shares(fn: Callable[..., Any]) -> Callable[..., Any]:
     return from_shares
 
 
-def _timed_loss(make: Callable[[str], Any]) -> Callable[[str], Any]:
-    def loss(name: str) -> Any:
-        inner = make(name)
+def _timed_loss(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def value_and_grad(*args: Any, **kwargs: Any) -> Any:
+        _stamp("forward")  # the model's output is the loss's argument
+        out = fn(*args, **kwargs)
+        _stamp("loss")
+        return out
 
-        def call(out: Any, target: Any) -> Any:
-            _stamp("forward")  # the model's output is the loss's first argument
-            value = inner(out, target)
-            _stamp("loss")
-            return value
-
-        return call
-
-    return loss
+    return value_and_grad
 
 
 def _timed_sgd(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -114,7 +110,7 @@ def install() -> None:
     PartyData.batch = _timed_batch(PartyData.batch)  # type: ignore[method-assign]
     mpc.from_shares = _timed_from_shares(mpc.from_shares)
     mpc.sgd_step = _timed_sgd(mpc.sgd_step)
-    trainer._loss = _timed_loss(trainer._loss)  # type: ignore[assignment]
+    losses.value_and_grad = _timed_loss(losses.value_and_grad)
     # party.py imported emit from trainer by name: both names get the one timed emit.
     timed = _timed_emit(trainer.emit)
     trainer.emit = timed

@@ -7,7 +7,8 @@ MODE "products" (default): a party reads only its own shares (FOLDER/in_<rank>.n
 int64 output shares to FOLDER/out_<rank>.npz. MODE "randomness": a party writes the protocol keys
 it holds and shares of triples, B2A bits and zero sharings drawn from them (what an attacker
 holding this party's process would see). MODE "guard": a party applies one SGD step with the
-gradient shares `a` to zero parameters and writes its parameter shares. MODE "stall": a party
+gradient shares `a` to zero parameters and writes its parameter shares ("guard-blocks": the same
+with the guard on sums of 4 gradients). MODE "stall": a party
 joins and then sends nothing for TIMEOUT_S + 5 s, so that the dealer's wait times out. No party
 ever decrypts: get_plain_text and reveal are made to raise. The dealer (RANK == WORLD_SIZE) only
 serves Beaver triples. A veiltrain error is printed as
@@ -111,7 +112,7 @@ class _Params:
         return self._params
 
 
-def guard(rank: int, folder: Path, precision_bits: int) -> None:
+def guard(rank: int, folder: Path, precision_bits: int, block: int | None = None) -> None:
     """One SGD step (lr 1) from zero parameters with the gradient shares in `a`."""
     from veiltrain import mpc
 
@@ -119,7 +120,7 @@ def guard(rank: int, folder: Path, precision_bits: int) -> None:
         grad = mpc.from_shares(torch.from_numpy(data["a"]), precision_bits)
     param = mpc.from_shares(torch.zeros_like(grad.share), precision_bits)
     param.grad = grad
-    mpc.sgd_step(_Params([param]), lr=1.0, grad_threshold=100.0)
+    mpc.sgd_step(_Params([param]), lr=1.0, grad_threshold=100.0, block=block)
     np.savez(folder / f"out_{rank}.npz", param=mpc.share_of(param).numpy())
 
 
@@ -159,6 +160,8 @@ def _party_work(mode: str, rank: int, folder: Path, precision_bits: int, timeout
         randomness(rank, folder)
     elif mode == "guard":
         guard(rank, folder, precision_bits)
+    elif mode == "guard-blocks":
+        guard(rank, folder, precision_bits, block=4)
     elif mode == "stall":
         time.sleep(timeout_s + 5)
     else:

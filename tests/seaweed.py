@@ -13,7 +13,15 @@ from typing import Any
 from veiltrain import seaweed
 from veiltrain.seaweed import Credentials, free_ports
 
-__all__ = ["BUCKETS", "PARTY_BUCKETS", "TEST_BUCKET", "S3Server", "free_ports", "running_seaweed"]
+__all__ = [
+    "BUCKETS",
+    "PARTY_BUCKETS",
+    "TEST_BUCKET",
+    "S3Server",
+    "free_ports",
+    "running_seaweed",
+    "use_party_identities",
+]
 
 TEST_BUCKET = "veiltrain-test"
 PARTY_BUCKETS = {"party-0": "veiltrain-party-0", "party-1": "veiltrain-party-1"}
@@ -31,6 +39,16 @@ class S3Server:
     def filesystem(self, identity: str = "admin") -> Any:
         """A fresh s3fs filesystem acting as `identity` ("admin", "party-0" or "party-1")."""
         return seaweed.filesystem(self.endpoint_url, self.identities[identity])
+
+
+def use_party_identities(monkeypatch: Any, server: S3Server) -> None:
+    """Give this test process every party's keys by role, as the owner's environment holds them."""
+    for role in PARTY_BUCKETS:
+        creds = server.identities[role]
+        env = "VEILTRAIN_" + role.upper().replace("-", "_")
+        monkeypatch.setenv(env + "_ACCESS_KEY", creds.key)
+        monkeypatch.setenv(env + "_SECRET_KEY", creds.secret)
+    monkeypatch.setenv("VEILTRAIN_S3_ENDPOINT_URL", server.endpoint_url)
 
 
 def _identities() -> dict[str, Credentials]:

@@ -24,8 +24,8 @@ import torch
 from safetensors.torch import save as save_safetensors
 from scipy.stats import chisquare
 
-import veiltrain
-from seaweed import PARTY_BUCKETS, S3Server
+from crypten_world import one_party
+from seaweed import PARTY_BUCKETS, S3Server, use_party_identities
 from veiltrain import audit, checkpoints, contract, owner, sharing
 from veiltrain.audit import AuditResult
 from veiltrain.config import RunConfig, load_config
@@ -104,22 +104,8 @@ def _uniform(count: int) -> np.ndarray[Any, Any]:
 @pytest.fixture(scope="module")
 def crypten_single(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """CrypTen in a world of one party, as a new user starts it (torn down at the end)."""
-    assert veiltrain  # CrypTen is importable on torch 2.13 only after `import veiltrain`
-    import crypten
-
-    assert not crypten.is_initialized(), "CrypTen was left initialised by an earlier test"
-    rendezvous = tmp_path_factory.mktemp("crypten") / "rendezvous"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RANK", "0")
-        mp.setenv("WORLD_SIZE", "1")
-        mp.setenv("RENDEZVOUS", f"file://{rendezvous}")
-        mp.setenv("DISTRIBUTED_BACKEND", "gloo")
-        with crypten.cfg.temp_override({"mpc.provider": "TFP"}):
-            crypten.init()
-            try:
-                yield crypten
-            finally:
-                crypten.uninit()
+    with one_party(tmp_path_factory.mktemp("crypten")) as crypten:
+        yield crypten
 
 
 def _data(rows: int = 100) -> torch.Tensor:
@@ -283,7 +269,7 @@ def test_the_owner_store_itself_is_full_of_findings(own_run: Run) -> None:
     kinds = {f.kind for f in result.findings}
     assert {"owner-private", "plaintext", "data-like", "manifest"} <= kinds
     private = {f.object for f in result.findings if f.kind == "owner-private"}
-    assert {contract.PRIVATE_TRAIN, contract.PRIVATE_TEST, "private/run.json"} <= private
+    assert {contract.PRIVATE_TEST, contract.PRIVATE_ORDER, "private/run.json"} <= private
 
 
 # ------------------------------------------------------- (2) veiltrain's own stores are clean
@@ -383,12 +369,7 @@ def _npy(array: np.ndarray[Any, Any]) -> bytes:
 def test_audit_on_s3_with_each_party_identity(
     tmp_path: Path, s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for role in PARTY_BUCKETS:
-        creds = s3_server.identities[role]
-        env = "VEILTRAIN_" + role.upper().replace("-", "_")
-        monkeypatch.setenv(env + "_ACCESS_KEY", creds.key)
-        monkeypatch.setenv(env + "_SECRET_KEY", creds.secret)
-    monkeypatch.setenv("VEILTRAIN_S3_ENDPOINT_URL", s3_server.endpoint_url)
+    use_party_identities(monkeypatch, s3_server)
     prefix = f"audit-tests/{uuid.uuid4().hex}"
     bases = [f"s3://{PARTY_BUCKETS[f'party-{i}']}/{prefix}" for i in range(2)]
     cfg = _config(tmp_path, 2, party_stores=bases, owner_store=str(tmp_path / "owner"))

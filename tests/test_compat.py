@@ -18,6 +18,7 @@ import pytest
 import torch
 from torch import nn
 
+from crypten_world import one_party
 from veiltrain import compat, mpc, sharing
 from veiltrain.errors import ConfigError
 from veiltrain.models import BasicBlock, ResNet18, SmallCNN
@@ -33,28 +34,10 @@ LEARNING_RATE = 0.1
 
 @pytest.fixture(scope="module")
 def crypten_single(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """One CrypTen process (world size 1) for this module, torn down at its end.
-
-    CrypTen keeps process-wide state (the communicator, os.environ, its config), so the
-    environment and config are set for exactly one party here and restored afterwards.
-    """
-    import crypten
-
-    assert not crypten.is_initialized(), "CrypTen was left initialised by an earlier test"
-    rendezvous = tmp_path_factory.mktemp("crypten") / "rendezvous"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("RANK", "0")
-        mp.setenv("WORLD_SIZE", "1")
-        mp.setenv("RENDEZVOUS", f"file://{rendezvous}")
-        mp.setenv("DISTRIBUTED_BACKEND", "gloo")
-        # mpc.session() uses six Newton steps for inv_sqrt (BatchNorm); one party needs no TTP.
-        overrides = {"mpc.provider": "TFP", "functions.sqrt_nr_iters": 6}
-        with crypten.cfg.temp_override(overrides):
-            crypten.init()
-            try:
-                yield crypten
-            finally:
-                crypten.uninit()
+    """One CrypTen process (world size 1) for this module, torn down at its end."""
+    # mpc.session() uses six Newton steps for inv_sqrt (BatchNorm), as the parties do.
+    with one_party(tmp_path_factory.mktemp("crypten"), {"functions.sqrt_nr_iters": 6}) as crypten:
+        yield crypten
 
 
 # --------------------------------------------------------------------------- small models

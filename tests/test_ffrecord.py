@@ -156,6 +156,22 @@ def test_worked_example_is_byte_exact(store: Store) -> None:
     assert store.names() == ["hello.ffr"]  # no temp file left beside it
 
 
+def test_write_rows_gives_the_bytes_of_one_write_per_row(store: Store) -> None:
+    rows = np.arange(5 * 7, dtype="<i8").reshape(5, 7) * 1_000_003
+    write_samples(store, "one.ffr", [row.tobytes() for row in rows])
+    with store.writer("rows.ffr", 5) as writer:
+        writer.write_rows(rows[:2])
+        writer.write_rows(rows[2:2])  # nothing
+        writer.write_rows(rows[2:])
+    assert store.read_bytes("rows.ffr") == store.read_bytes("one.ffr")
+    with store.writer("over.ffr", 4) as writer:
+        with pytest.raises(SampleCountError, match="exceeded the number of samples"):
+            writer.write_rows(rows)
+        writer.write_rows(rows[:4])
+    with pytest.raises(ConfigError, match="C-contiguous 2-D"):
+        store.writer("bad.ffr", 5).write_rows(rows[:, ::2])
+
+
 def test_zero_samples_is_a_12_byte_file(store: Store) -> None:
     write_samples(store, "zero.ffr", [])
     assert store.read_bytes("zero.ffr") == (VECTORS / "zero.ffr").read_bytes()

@@ -359,3 +359,19 @@ def test_the_overflow_guard_drops_wrapped_gradients_on_both_sides(tmp_path: Path
     params = sharing.decode(sharing.reconstruct(shares), PRECISION_BITS)
     expected = np.where(np.abs(grads) < 100, -grads, 0.0)
     np.testing.assert_allclose(params, expected, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_the_block_guard_drops_whole_blocks_holding_a_wrapped_gradient(tmp_path: Path) -> None:
+    # Blocks of 4 (the last one padded): legitimate values pass even where one exceeds 100
+    # (the block sum stays under 400); a block holding a wrap-sized value is dropped whole.
+    grads = np.array([0.5, -0.5, 99.0, 150.0, 1.0, 2.0**32, 3.0, -4.0, -(2.0**31), 7.0, 8.0])
+    encoded = np.rint(grads * 2.0**PRECISION_BITS).astype(np.int64)
+    for rank, share in enumerate(sharing.split_full(encoded, 2)):
+        np.savez(tmp_path / f"in_{rank}.npz", a=share, b=share)
+    finished, _ = _run([0, 1, 2], 2, tmp_path, PARTY_TIMEOUT_S, 120, mode="guard-blocks")
+    assert all(f.returncode == 0 for f in finished), _report(finished)
+    shares = [np.load(tmp_path / f"out_{r}.npz")["param"] for r in range(2)]
+    params = sharing.decode(sharing.reconstruct(shares), PRECISION_BITS)
+    expected = -grads * np.repeat([1.0, 0.0, 0.0], 4)[: len(grads)]
+    np.testing.assert_allclose(params, expected, atol=1e-3)

@@ -11,14 +11,14 @@ import pytest
 import torch
 from safetensors.torch import load as load_safetensors
 
-from seaweed import PARTY_BUCKETS, S3Server
+from seaweed import PARTY_BUCKETS, S3Server, use_party_identities
 from veiltrain import contract, owner, sharing
 from veiltrain.config import RunConfig, load_config
 from veiltrain.contract import UploadCounts
 from veiltrain.data import one_hot
 from veiltrain.errors import ConfigError, IntegrityError, StoreError
 from veiltrain.party_data import PartyData
-from veiltrain.store import Location, read_npz, sha256_bytes
+from veiltrain.store import Location, sha256_bytes
 
 TOLERANCE = 2.0**-16
 
@@ -54,7 +54,9 @@ def _check_manifests(cfg: RunConfig, parties: list[Location]) -> None:
 
 def _check_reconstruction(cfg: RunConfig, parties: list[Location]) -> None:
     own = contract.owner_location(cfg)
-    train = read_npz(own, "private/train.npz")
+    x_train, y_train = owner.training_split(cfg)
+    train = {"x": x_train.astype(np.float64), "y": y_train}
+    assert not own.exists("private/train.npz")  # no second copy of the training set
     shares = [PartyData.in_store(loc, contract.read_manifest(loc).table()) for loc in parties]
     count = len(train["x"])
     assert all(s.count == count for s in shares)
@@ -98,6 +100,21 @@ def test_encrypt_and_upload_give_complete_manifests(tmp_path: Path, parties: int
         assert not [n for n in names if n.endswith((".npz", ".npy", ".pt", ".pkl"))]
         assert {"model/params.safetensors", "model/spec.json", "dataset/info.json"} <= set(names)
     _check_reconstruction(cfg, locs)
+
+
+def test_the_training_split_is_rebuilt_only_from_unchanged_data(tmp_path: Path) -> None:
+    source = tmp_path / "data.npz"
+    rng = np.random.default_rng(3)
+    np.savez(source, x=rng.normal(size=(90, 1, 4, 4)).astype(np.float32), y=np.arange(90) % 3)
+    cfg = load_config(dataset=str(source), out=str(tmp_path / "run")).resolved()
+    count = owner.encrypt_dataset(cfg).count
+    x, y = owner.training_split(cfg)
+    assert x.dtype == np.float32 and len(x) == len(y) == count
+    with np.load(source) as f:
+        changed = {"x": f["x"] + 1e-3, "y": f["y"]}
+    np.savez(source, **changed)
+    with pytest.raises(IntegrityError, match="--dataset .*changed since run"):
+        owner.training_split(cfg)
 
 
 def test_second_upload_uploads_nothing(tmp_path: Path) -> None:
@@ -207,12 +224,7 @@ def test_read_manifest_rejects_corrupt_json_and_missing_file(tmp_path: Path) -> 
 def test_upload_to_s3_with_per_party_credentials(
     tmp_path: Path, s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for role in PARTY_BUCKETS:
-        creds = s3_server.identities[role]
-        env = "VEILTRAIN_" + role.upper().replace("-", "_")
-        monkeypatch.setenv(env + "_ACCESS_KEY", creds.key)
-        monkeypatch.setenv(env + "_SECRET_KEY", creds.secret)
-    monkeypatch.setenv("VEILTRAIN_S3_ENDPOINT_URL", s3_server.endpoint_url)
+    use_party_identities(monkeypatch, s3_server)
     prefix = f"owner-tests/{uuid.uuid4().hex}"
     stores = [f"s3://{PARTY_BUCKETS[f'party-{i}']}/{prefix}" for i in range(2)]
     cfg = _config(tmp_path, 2, party_stores=stores, owner_store=str(tmp_path / "owner"))

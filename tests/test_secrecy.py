@@ -15,9 +15,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load as load_safetensors
 
-from veiltrain import data, owner, runstate
+from veiltrain import data, models, owner, runstate
 from veiltrain.config import RunConfig, load_config
+from veiltrain.contract import PRIVATE_INITIAL
 from veiltrain.errors import ConfigError
 from veiltrain.store import Location, read_npz
 
@@ -96,6 +99,58 @@ def test_parties_see_only_a_keyed_tag_that_no_seed_search_matches(tmp_path: Path
     assert "4242" not in _party_view(first, 0) | _party_view(first, 1)
 
 
+# ------------------------------------------------------------ 2b. the initial weights
+
+
+def _initial(cfg: RunConfig) -> dict[str, torch.Tensor]:
+    return load_safetensors(Location(cfg.owner_store).read_bytes(PRIVATE_INITIAL))
+
+
+def _seed_search(cfg: RunConfig, target: dict[str, torch.Tensor], seeds: range) -> int | None:
+    """The attack: a party knows the factory, its kwargs (the model spec it receives) and maybe
+    --seed; it rebuilds the model under every torch seed and looks for the owner's weights."""
+    kwargs = json.loads(Location(cfg.stores()[0]).read_bytes("model/spec.json"))["kwargs"]
+    for seed in seeds:
+        state = models.build(cfg.model, kwargs, seed).state_dict()
+        if all(torch.equal(state[k].float(), v) for k, v in target.items()):
+            return seed
+    return None
+
+
+def test_a_torch_seed_search_finds_weights_drawn_under_manual_seed(tmp_path: Path) -> None:
+    cfg = _encrypted(tmp_path / "run", seed=4242)
+    kwargs = owner.model_kwargs(cfg, [1, 8, 8], 10)
+    naive = {k: v.float() for k, v in models.build(cfg.model, kwargs, 1234).state_dict().items()}
+    assert _seed_search(cfg, naive, range(1200, 1300)) == 1234
+
+
+def test_no_torch_seed_rebuilds_the_owner_s_initial_weights(tmp_path: Path) -> None:
+    same = {"seed": 4242, "run_id": "same-run"}
+    first = _encrypted(tmp_path / "a", **same)
+    target = _initial(first)
+    # the user's --seed, small seeds, and the 32-bit truncations of the run's model-init key
+    key = runstate.require(Location(first.owner_store), first.run_id).model_init_key(4242)
+    low32 = [int.from_bytes(key[i : i + 4], "little") for i in range(0, 32, 4)]
+    for seeds in (range(4242, 4243), range(300), *(range(s, s + 1) for s in low32)):
+        assert _seed_search(first, target, seeds) is None
+    # another owner with the very same options gets other weights (another run key) ...
+    other = _initial(_encrypted(tmp_path / "b", **same))
+    assert not torch.equal(target["conv.weight"], other["conv.weight"])
+    # ... while the owner rebuilds its own: a rerun of the stage gives the same weights.
+    owner.encrypt_model(first)
+    assert all(torch.equal(v, _initial(first)[k]) for k, v in target.items())
+
+
+def test_keyed_weights_keep_the_factory_s_distribution() -> None:
+    key, draws = bytes(range(32)), []
+    for seed in (key, 7):
+        weight = models.build("small-cnn", {"width": 64}, seed).state_dict()["conv.weight"]
+        draws.append(weight.flatten())
+    bound = 1 / 3  # kaiming-uniform bound of a 3x3 conv with one input channel: 1/sqrt(9)
+    assert all(float(d.abs().max()) <= bound for d in draws)
+    assert abs(float(draws[0].std()) - float(draws[1].std())) < 0.02  # uniform: bound/sqrt(3)
+
+
 # ------------------------------------------------------------ 3. record order and labels
 
 
@@ -114,7 +169,7 @@ def test_record_position_tells_a_party_nothing_about_labels(tmp_path: Path) -> N
     # the owner's loading and guesses each record's label from its position.
     replay = data.load(str(source), 0.2, 0, None)
     guess = replay.y_train
-    truth = read_npz(Location(cfg.owner_store), "private/train.npz")["y"]
+    truth = owner.training_split(cfg)[1]
     assert len(guess) == len(truth) == 192
     accuracy = float(np.mean(guess == truth))
     assert accuracy < 0.25 + 0.15, accuracy  # chance is 1/4; before the fix it was 100 %

@@ -96,6 +96,31 @@ def test_split_crosses_chunk_boundaries() -> None:
     assert np.array_equal(reconstruct(split_full(e, 3)), e)
 
 
+@PROPS
+@given(real_arrays(), st.integers(2, 4), st.data())
+def test_a_stream_split_in_chunks_equals_one_split(
+    data: tuple[np.ndarray, int], n: int, more: st.DataObject
+) -> None:
+    x, bits = data
+    e = encode(x, bits).reshape(-1)
+    seeds = more.draw(st.lists(seeds_st, min_size=n - 1, max_size=n - 1, unique=True))
+    cuts = sorted(more.draw(st.lists(st.integers(0, e.size), max_size=4)))
+    splitter = sharing.StreamSplitter(n, seeds)
+    pieces = [splitter.share0(e[a:b]) for a, b in zip([0, *cuts], [*cuts, e.size], strict=True)]
+    share0, seed_shares = split(e, n, seeds=seeds)
+    assert np.array_equal(np.concatenate(pieces), share0)
+    assert splitter.seed_shares == seed_shares and splitter.words == e.size
+    assert "seed" not in repr(splitter).replace("seeds hidden", "")
+
+
+def test_a_stream_split_crosses_chunk_boundaries() -> None:
+    e = encode(np.linspace(-100, 100, 3 * 200_001)).reshape(3, -1)
+    splitter = sharing.StreamSplitter(2)
+    share0 = np.concatenate([splitter.share0(row) for row in e])
+    mask = expand(splitter.seed_shares[0], (e.size,))
+    assert np.array_equal(reconstruct([share0, mask]), e.reshape(-1))
+
+
 def test_torch_tensors_in_and_out() -> None:
     t = torch.linspace(-3, 3, 50, requires_grad=True)
     e = encode(t)

@@ -28,7 +28,8 @@ PARAMS = "model/params.safetensors"
 STAGED_REQUIRED = (INFO, SPEC, PARAMS)
 """What every party's staging must hold before an upload may publish a manifest."""
 
-# Owner-private objects (under the owner store, never uploaded).
+# Owner-private objects (under the owner store, never uploaded). PRIVATE_TRAIN is no longer
+# written (the training split is rebuilt from the source); runs from before still hold it.
 PRIVATE_TRAIN = "private/train.npz"
 PRIVATE_TEST = "private/test.npz"
 PRIVATE_SCALER = "private/scaler.npz"

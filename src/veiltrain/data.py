@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,13 +57,14 @@ def load(source: str, test_fraction: float, seed: int, max_samples: int | None) 
     x, y = _shuffled(x, y, seed, max_samples)
     if xt is None or yt is None:
         x, y, xt, yt = _holdout(x, y, test_fraction, source)
-    return Dataset(
-        x.astype(np.float64),
-        y.astype(np.int64),
-        xt.astype(np.float64),
-        yt.astype(np.int64),
-        classes,
-    )
+    return Dataset(_features(x), y.astype(np.int64), _features(xt), yt.astype(np.int64), classes)
+
+
+def _features(x: Array) -> Array:
+    """float32 where that holds the source exactly (float32, 8- and 16-bit integers), else
+    float64: a float32 source is not doubled in the owner's memory."""
+    exact = x.dtype == np.float32 or (x.dtype.kind in "iu" and x.dtype.itemsize <= 2)
+    return x.astype(np.float32 if exact else np.float64, copy=False)
 
 
 def _digits() -> tuple[Array, Array, None, None, list[str]]:
@@ -281,10 +283,19 @@ class Standardizer:
     scale: Array
 
     @classmethod
-    def fit(cls, x: Array) -> Standardizer:
-        """Statistics of the training features (constant features keep scale 1)."""
-        scale = x.std(axis=0)
-        return cls(x.mean(axis=0), np.where(scale > 1e-12, scale, 1.0))
+    def fit(cls, x: Array, rows: int = 4096) -> Standardizer:
+        """Statistics of the training features (constant features keep scale 1), in float64
+        over chunks of `rows` samples: two passes, no copy of the data set."""
+        count = max(len(x), 1)
+        total = np.zeros(x.shape[1:])
+        for chunk in _chunks(x, rows):
+            total += chunk.sum(axis=0, dtype=np.float64)
+        mean = total / count
+        squares = np.zeros(x.shape[1:])
+        for chunk in _chunks(x, rows):
+            squares += ((chunk - mean) ** 2).sum(axis=0)
+        scale = np.sqrt(squares / count)
+        return cls(mean, np.where(scale > 1e-12, scale, 1.0))
 
     @classmethod
     def identity(cls, shape: tuple[int, ...]) -> Standardizer:
@@ -292,8 +303,15 @@ class Standardizer:
         return cls(np.zeros(shape), np.ones(shape))
 
     def apply(self, x: Array) -> Array:
-        """Standardised copy of x."""
-        return (x - self.mean) / self.scale
+        """Standardised float64 copy of x (one new array, divided in place)."""
+        out = np.subtract(x, self.mean, dtype=np.float64)
+        out /= self.scale
+        return out
+
+
+def _chunks(x: Array, rows: int) -> Iterator[Array]:
+    for first in range(0, len(x), rows):
+        yield x[first : first + rows]
 
 
 def one_hot(y: Array, num_classes: int) -> Array:

@@ -582,6 +582,32 @@ class FileWriter:
         self._pos += view.nbytes
         self.count += 1
 
+    def write_rows(self, rows: npt.NDArray[Any]) -> None:
+        """Append each row of a C-contiguous 2-D array as one sample, in one write."""
+        if self._closed:
+            raise ConfigError(f"{self.path}: FileWriter is closed; open a new one")
+        if rows.ndim != 2 or not rows.flags.c_contiguous:
+            raise ConfigError(f"{self.path}: write_rows needs a C-contiguous 2-D array")
+        count, size = len(rows), rows.shape[1] * rows.itemsize
+        if self.count + count > self.n:
+            raise SampleCountError(
+                f"{self.path}: exceeded the number of samples: {self.count} + {count} > n = "
+                f"{self.n}; open the writer with a larger n"
+            )
+        if count == 0:
+            return
+        view = rows.data.cast("B")
+        try:
+            self._file.write(view)
+        except STORE_FAILURES as exc:
+            self._abort()
+            raise _store_error(self.path, "stage samples for", exc) from exc
+        span = slice(self.count, self.count + count)
+        self._checksums[span] = [zlib.crc32(view[i * size : (i + 1) * size]) for i in range(count)]
+        self._offsets[span] = self._pos + size * np.arange(count)
+        self._pos += size * count
+        self.count += count
+
     def _abort(self) -> None:
         self._closed = True
         self._discard()

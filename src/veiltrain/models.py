@@ -7,10 +7,12 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from veiltrain.errors import ConfigError, VeiltrainError
+from veiltrain.sharing import MaskStream
 
 _REFERENCE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
@@ -88,6 +90,29 @@ class ResNet18(nn.Module):
 BUILTIN: dict[str, Callable[..., nn.Module]] = {"small-cnn": SmallCNN, "resnet18": ResNet18}
 
 
+# torch's CPU generator (MT19937) state as torch.get_rng_state() lays it out: an 8-byte initial
+# seed, `left` and `seeded` (int32 each), an 8-byte `next`, then 624 state words stored as uint64.
+_MT_WORDS = 624
+_MT_STATE_OFFSET = 24
+
+
+def _seed_torch(seed: int | bytes) -> None:
+    """Seed torch's CPU generator; a key fills all 19,937 bits of its state from ChaCha20.
+
+    torch.manual_seed keeps 32 bits, so weights drawn from it are one of 2^32 candidates that a
+    party knowing the factory and --seed could enumerate. Keyed, the generator's whole state comes
+    from a CSPRNG: as unsearchable as the key, and still reproducible by the owner who holds it.
+    """
+    torch.manual_seed(0 if isinstance(seed, bytes) else seed)  # left = 1: the next draw twists
+    if not isinstance(seed, bytes):
+        return
+    words = MaskStream(seed).words(0, _MT_WORDS // 2).view(np.uint32).astype(np.uint64)
+    state = torch.get_rng_state().numpy().copy()
+    state[_MT_STATE_OFFSET : _MT_STATE_OFFSET + 8 * _MT_WORDS] = words.view(np.uint8)
+    state[:8] = 0  # torch.initial_seed() then says 0, not a seed the weights came from
+    torch.set_rng_state(torch.from_numpy(state))
+
+
 def resolve(reference: str) -> Callable[..., nn.Module]:
     """The factory a reference names: a built-in name or `package.module:factory`."""
     if reference in BUILTIN:
@@ -114,16 +139,15 @@ def resolve(reference: str) -> Callable[..., nn.Module]:
     return factory  # type: ignore[no-any-return]
 
 
-def build(reference: str, kwargs: Mapping[str, Any], seed: int) -> nn.Module:
-    """Call the factory with a fixed torch seed (initial weights are reproducible for the owner)."""
+def build(reference: str, kwargs: Mapping[str, Any], seed: int | bytes) -> nn.Module:
+    """Call the factory under a fixed torch generator state: a public int seed (for weights that
+    are replaced by shares or a checkpoint) or a 256-bit key (the owner's secret initial weights).
+    """
     factory = resolve(reference)
     try:
-        # A torch seed is fine here: it fixes the owner's initial weights for reproducibility and
-        # protects nothing (parties hold uniform shares of them whatever they are; every mask and
-        # protocol draw comes from veiltrain.sharing / veiltrain.protocol). Forked, so the
-        # caller's global generator is left as it was.
+        # Forked, so the caller's global generator is left as it was.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            _seed_torch(seed)
             model = factory(**kwargs)
     except TypeError as exc:
         raise ConfigError(f"--model-kwargs {dict(kwargs)} do not fit {reference!r}: {exc}") from exc

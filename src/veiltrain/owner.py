@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import math
 import secrets
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,7 +24,6 @@ from veiltrain.contract import (
     PRIVATE_ORDER,
     PRIVATE_SCALER,
     PRIVATE_TEST,
-    PRIVATE_TRAIN,
     SPEC,
     STAGED_REQUIRED,
     DatasetFacts,
@@ -41,6 +42,7 @@ from veiltrain.ffrecord import FileWriter
 from veiltrain.store import HashingReader, Location, check_objects, read_npz, sha256_bytes
 
 _SHARD_BYTES = 64 << 20
+_CHUNK_BYTES = 8 << 20  # records encoded, split and written at a time
 
 
 # ------------------------------------------------------------------------------- data set
@@ -107,31 +109,62 @@ def _record_order(owner: Location, count: int, reuse: bool) -> np.ndarray[Any, A
 
 
 def _stage_dataset(cfg: RunConfig, ds: data.Dataset, order: np.ndarray[Any, Any]) -> DatasetFacts:
-    """Encode, split and stage the records in `order`; keep the plaintext splits private."""
-    x_raw, y_train = ds.x_train[order], ds.y_train[order]
+    """Encode, split and stage the records in `order` chunk by chunk. The owner holds the loaded
+    data set plus one chunk and writes each share byte once: no second copy of the training set
+    (`training_split` rebuilds it from the source, checked against the keyed fingerprint)."""
     scaler = (
-        data.Standardizer.fit(x_raw)
+        data.Standardizer.fit(ds.x_train)
         if cfg.standardize
         else data.Standardizer.identity(ds.sample_shape)
     )
-    x_train = scaler.apply(x_raw)
-    records = np.concatenate(
-        [x_train.reshape(len(x_train), -1), data.one_hot(y_train, ds.num_classes)], axis=1
-    )
-    encoded = sharing.encode(records, cfg.precision_bits)
-    share0, seed_shares = sharing.split(encoded, cfg.parties)
-    info = _dataset_info(ds, records.shape[1])
+    info = _dataset_info(ds, math.prod(ds.sample_shape) + ds.num_classes)
     for party in range(cfg.parties):
         _clear(staging(cfg, party), "dataset")  # a rerun must not upload stale shards
-    _write_shards(staging(cfg, 0).child("dataset"), share0)
+    splitter = sharing.StreamSplitter(cfg.parties)
+    shards = _ShardSink(staging(cfg, 0).child("dataset"), info.count, info.record_words)
+    for idx in _chunks(order, max(1, _CHUNK_BYTES // (8 * info.record_words))):
+        records = _records(scaler.apply(ds.x_train[idx]), ds.y_train[idx], ds.num_classes)
+        shards.write(splitter.share0(sharing.encode(records, cfg.precision_bits)))
+    shards.close()
+    _write_infos(cfg, info, splitter.seed_shares)
+    _save_private(cfg, ds, scaler)
+    return info
+
+
+def _records(x: np.ndarray[Any, Any], y: np.ndarray[Any, Any], classes: int) -> Any:
+    """One row per sample: the features, then the one-hot label (what parties hold shares of)."""
+    return np.concatenate([x.reshape(len(x), -1), data.one_hot(y, classes)], axis=1)
+
+
+def training_split(cfg: RunConfig) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+    """The standardised training split in record order, as float32 (the plaintext shadow's
+    input), rebuilt from --dataset: refused if the source changed since it was encrypted."""
+    owner = owner_location(cfg)
+    state = runstate.require(owner, cfg.run_id)
+    ds = data.load(cfg.dataset, cfg.test_fraction, cfg.seed, cfg.max_samples)
+    if runstate.fingerprint(state.key, ds) != state.fingerprint:
+        raise IntegrityError(
+            f"--dataset {cfg.dataset}: changed since run {cfg.run_id} was encrypted; the "
+            "plaintext comparison needs the same data: restore it, or start a new --run-id"
+        )
+    order = read_npz(owner, PRIVATE_ORDER)["order"]
+    stats = read_npz(owner, PRIVATE_SCALER)
+    x = data.Standardizer(stats["mean"], stats["scale"]).apply(ds.x_train[order])
+    return x.astype(np.float32), ds.y_train[order]
+
+
+def _chunks(order: np.ndarray[Any, Any], rows: int) -> Iterator[np.ndarray[Any, Any]]:
+    for first in range(0, len(order), rows):
+        yield order[first : first + rows]
+
+
+def _write_infos(cfg: RunConfig, info: DatasetFacts, seed_shares: list[sharing.SeedShare]) -> None:
     public = info.model_dump(mode="json")
     staging(cfg, 0).write_json(INFO, {**public, "format": "ffrecord"})
     for party, seed_share in enumerate(seed_shares, start=1):
         staging(cfg, party).write_json(
             INFO, {**public, "format": "keystream", "seed_share": seed_share.to_json()}
         )
-    _save_private(cfg, ds, scaler, x_train, y_train)
-    return info
 
 
 def _clear(loc: Location, prefix: str) -> None:
@@ -149,27 +182,47 @@ def _dataset_info(ds: data.Dataset, record_words: int) -> DatasetFacts:
     )
 
 
+class _ShardSink:
+    """Rows appended in order to FFRecord shards of about _SHARD_BYTES each, one open at a time."""
+
+    def __init__(self, loc: Location, count: int, words: int) -> None:
+        self.loc, self.count, self.written = loc, count, 0
+        self.per_shard = max(1, _SHARD_BYTES // (words * 8))
+        self.writer: FileWriter | None = None
+        loc.fs.makedirs(loc.root, exist_ok=True)  # FileWriter, like the reference, needs it
+
+    def write(self, rows: np.ndarray[Any, Any]) -> None:
+        """Append int64 rows; a shard is published when its last row is in."""
+        rows = np.ascontiguousarray(rows, dtype="<i8")
+        while len(rows):
+            if self.writer is None:
+                self.writer = self._open()
+            take = self.writer.n - self.writer.count
+            self.writer.write_rows(rows[:take])
+            rows, self.written = rows[take:], self.written + len(rows[:take])
+            if self.writer.count == self.writer.n:
+                self.writer.close()
+                self.writer = None
+
+    def _open(self) -> FileWriter:
+        index, rows = self.written // self.per_shard, min(self.per_shard, self.count - self.written)
+        return FileWriter(self.loc.path(f"shard-{index:05d}.ffr"), rows, fs=self.loc.fs)
+
+    def close(self) -> None:
+        """Refuse a short write: every shard must have received all its rows."""
+        if self.written != self.count or self.writer is not None:
+            raise IntegrityError(f"{self.loc.url}: {self.written} of {self.count} records staged")
+
+
 def _write_shards(loc: Location, share: np.ndarray[Any, Any]) -> None:
-    per_shard = max(1, _SHARD_BYTES // (share.shape[1] * 8))
-    loc.fs.makedirs(loc.root, exist_ok=True)  # FileWriter, like the reference, needs the folder
-    for first in range(0, len(share), per_shard):
-        rows = share[first : first + per_shard]
-        name = f"shard-{first // per_shard:05d}.ffr"
-        with FileWriter(loc.path(name), len(rows), fs=loc.fs) as writer:
-            for row in rows:
-                writer.write_one(row.astype("<i8", copy=False).tobytes())
+    """Finished rows straight into shards (the benchmark's raw write uses this too)."""
+    sink = _ShardSink(loc, len(share), share.shape[1])
+    sink.write(share)
+    sink.close()
 
 
-def _save_private(
-    cfg: RunConfig,
-    ds: data.Dataset,
-    scaler: data.Standardizer,
-    x_train: np.ndarray[Any, Any],
-    y_train: np.ndarray[Any, Any],
-) -> None:
+def _save_private(cfg: RunConfig, ds: data.Dataset, scaler: data.Standardizer) -> None:
     owner = owner_location(cfg)
-    # The training split in record order: the plaintext shadow replays the parties' batches.
-    owner.write_bytes(PRIVATE_TRAIN, _npz(x=x_train, y=y_train))
     owner.write_bytes(PRIVATE_TEST, _npz(x=scaler.apply(ds.x_test), y=ds.y_test))
     owner.write_bytes(PRIVATE_SCALER, _npz(mean=scaler.mean, scale=scaler.scale))
 
@@ -194,11 +247,12 @@ def model_kwargs(cfg: RunConfig, sample_shape: list[int], num_classes: int) -> d
 
 
 def model_spec(
-    cfg: RunConfig, sample_shape: list[int], num_classes: int
+    cfg: RunConfig, sample_shape: list[int], num_classes: int, init: int | bytes | None = None
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The model with its initial weights (from --seed) and its spec, checked against the data."""
+    """The model and its spec, checked against the data; its weights come from `init` (the
+    run's model-init key for the weights that get shared, else the public --seed)."""
     kwargs = model_kwargs(cfg, sample_shape, num_classes)
-    model = models.build(cfg.model, kwargs, cfg.seed)
+    model = models.build(cfg.model, kwargs, cfg.seed if init is None else init)
     _check_forward(model, tuple(sample_shape), num_classes, cfg.model)
     spec = {
         "factory": cfg.model,
@@ -226,7 +280,7 @@ def encrypt_model(cfg: RunConfig) -> ModelFacts:
     state = runstate.require(owner, cfg.run_id)
     runstate.check_settings(state, cfg)
     shape, classes = list(state.dataset["sample_shape"]), int(state.dataset["num_classes"])
-    model, spec = model_spec(cfg, shape, classes)
+    model, spec = model_spec(cfg, shape, classes, state.model_init_key(cfg.seed))
     if cfg.warm_start:
         initial, per_party = warmstart.start(cfg, spec)
     else:

@@ -17,7 +17,6 @@ from veiltrain.contract import (
     PRIVATE_INITIAL,
     PRIVATE_MODEL_SPEC,
     PRIVATE_TEST,
-    PRIVATE_TRAIN,
     ModelSpec,
     lr_at,
     owner_location,
@@ -25,6 +24,7 @@ from veiltrain.contract import (
     read_model,
 )
 from veiltrain.errors import IntegrityError
+from veiltrain.owner import training_split
 from veiltrain.store import Location, read_npz
 from veiltrain.watchdog import Rollback, lr_changes
 from veiltrain.watchdog import load as load_rollbacks
@@ -148,10 +148,10 @@ def shadow_training(
     `rollbacks` (the divergence watchdog's) lower the lr from their epochs on, as for the parties.
     """
     owner = owner_location(cfg)
-    train = read_npz(owner, PRIVATE_TRAIN)
+    x_train, y_train = training_split(cfg)
     initial = load_safetensors(owner.read_bytes(PRIVATE_INITIAL))
     model = restore_model(cfg, initial).train()
-    x, y = torch.from_numpy(train["x"]).float(), torch.from_numpy(train["y"])
+    x, y = torch.from_numpy(x_train), torch.from_numpy(y_train)
     classes = int(runstate.require(owner, cfg.run_id).dataset["num_classes"])
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
     losses = []

@@ -70,6 +70,10 @@ class RunState:
         }
         return hmac.new(self.key, _canonical(body), hashlib.sha256).hexdigest()
 
+    def model_init_key(self, seed: int) -> bytes:
+        """The 256-bit key of the initial weights: --seed picks them, the run key hides them."""
+        return hmac.new(self.key, f"veiltrain/model-init/{seed}".encode(), hashlib.sha256).digest()
+
     def to_json(self) -> dict[str, Any]:
         """The record as stored (owner-private: it holds the key)."""
         return {
@@ -115,7 +119,7 @@ def fingerprint(key: bytes, ds: Dataset) -> str:
     for array in (ds.x_train, ds.y_train, ds.x_test, ds.y_test):
         contiguous = np.ascontiguousarray(array)
         mac.update(_canonical([str(contiguous.dtype), list(contiguous.shape)]))
-        mac.update(contiguous.tobytes())
+        mac.update(contiguous.data)  # the bytes, without a copy
     mac.update(_canonical(ds.classes))
     return mac.hexdigest()
 

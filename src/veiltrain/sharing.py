@@ -382,6 +382,35 @@ def split_full(
     return [share0, *masks]
 
 
+class StreamSplitter:
+    """Splits one long encoded stream chunk by chunk, as `split` would split it whole.
+
+    Parties 1..n-1 get one seed share each for the whole stream; `share0` returns party 0's
+    share of the next chunk, so the owner holds one chunk at a time, never the data set.
+    """
+
+    def __init__(self, n_parties: int, seeds: Sequence[bytes] | None = None) -> None:
+        self.seed_shares = [SeedShare(seed) for seed in _party_seeds(n_parties, seeds)]
+        self._encs = [_encryptor(s.seed, s.nonce, s.offset_words) for s in self.seed_shares]
+        self._scratch = [np.empty(_CHUNK_WORDS, dtype=np.int64) for _ in self.seed_shares]
+        self.words = 0
+
+    def __repr__(self) -> str:
+        return f"StreamSplitter(<{len(self.seed_shares)} seeds hidden>, words={self.words})"
+
+    def share0(self, encoded: npt.ArrayLike | torch.Tensor) -> Int64Array:
+        """Party 0's share of the next chunk (any shape; the stream continues where it was)."""
+        arr = _as_int64(encoded, "split")
+        if self.words + arr.size > MAX_STREAM_WORDS:
+            raise ConfigError(
+                f"{self.words + arr.size} words exceed one mask stream ({MAX_STREAM_WORDS})"
+            )
+        share0 = np.empty_like(arr)
+        _mask_party0(arr.reshape(-1), share0.reshape(-1), self._encs, self._scratch)
+        self.words += arr.size
+        return share0
+
+
 def reconstruct(shares: Sequence[npt.ArrayLike | torch.Tensor]) -> Int64Array:
     """Sum the shares mod 2^64 and return the encoded int64 values."""
     if len(shares) == 0:

@@ -119,15 +119,23 @@ class Location:
 
     def put_stream(self, name: str, stream: Any) -> None:
         """Copy a binary stream to an object, all or nothing."""
+        with self.open_atomic(name) as out:
+            _copy(stream, out)
+
+    @contextmanager
+    def open_atomic(self, name: str) -> Iterator[Any]:
+        """A binary file to write `name` through: it appears whole when the block ends without
+        an exception, and not at all otherwise (each byte is written once)."""
         target = self.path(name)
         with self._errors(name):
             if isinstance(self.fs, LocalFileSystem):
-                _local_atomic_copy(stream, target)
+                with _local_atomic(target) as out:
+                    yield out
                 return
             # Remote stores publish an object only when the upload completes (single PUT or a
             # completed multipart upload); a transaction keeps a failed write from committing.
             with self.fs.transaction, self.fs.open(target, "wb") as out:
-                _copy(stream, out)
+                yield out
 
     def open_read(self, name: str) -> Any:
         """A binary file object for streaming reads."""
@@ -226,13 +234,14 @@ def _copy(src: Any, dst: Any) -> None:
         dst.write(block)
 
 
-def _local_atomic_copy(stream: Any, target: str) -> None:
+@contextmanager
+def _local_atomic(target: str) -> Iterator[Any]:
     folder = os.path.dirname(target) or "."
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".partial-")
     try:
         with os.fdopen(fd, "wb") as out:
-            _copy(stream, out)
+            yield out
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, target)  # atomic on POSIX: readers see the old object or the new one

@@ -12,13 +12,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import crypten.communicator as comm
-import crypten.nn
 import torch
 from fsspec.implementations.local import LocalFileSystem
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from veiltrain import checkpoints, data, models, mpc, schedule
+from veiltrain import checkpoints, data, losses, models, mpc, schedule
 from veiltrain.contract import PARAMS, SPEC, ModelSpec, TrainJob, read_manifest, read_model
 from veiltrain.errors import IntegrityError
 from veiltrain.party_data import PartyData, is_shard
@@ -89,37 +88,37 @@ class Trainer:
         cmodel.encrypt()
         mpc.load_shares(cmodel, shares, self.job.precision_bits)
         cmodel.train()
-        loss_fn = _loss(self.job.loss)
         emit("start", epoch=start + 1, epochs=self.job.epochs, steps_per_epoch=self.steps_per_epoch)
         for epoch in range(start + 1, self.job.epochs + 1):
-            losses = self._epoch(cmodel, loss_fn, epoch)
-            self._checkpoint(cmodel, epoch, losses)
+            curve = self._epoch(cmodel, epoch)
+            self._checkpoint(cmodel, epoch, curve)
 
-    def _epoch(self, cmodel: Any, loss_fn: Any, epoch: int) -> list[torch.Tensor]:
+    def _epoch(self, cmodel: Any, epoch: int) -> list[torch.Tensor]:
         order = data.batch_order(self.data.count, epoch, self.job.order_seed)
         lr = self.job.lr_at(epoch)  # lower from an epoch the owner's watchdog rolled back
-        losses = []
+        curve = []
         for step in range(self.steps_per_epoch):
             idx = order[step * self.job.batch_size : (step + 1) * self.job.batch_size]
             x, y = self.data.batch(idx)
             xe, ye = (mpc.from_shares(t, self.job.precision_bits) for t in (x, y))
-            loss = loss_fn(cmodel(xe), ye)
+            out = cmodel(xe)
+            loss, grad = losses.value_and_grad(self.job.loss, out, ye)
             cmodel.zero_grad()
-            loss.backward()
+            out.backward(grad)
             mpc.sgd_step(cmodel, lr)
-            losses.append(mpc.share_of(loss).reshape(1))
+            curve.append(mpc.share_of(loss).reshape(1))
             emit(
                 "step",
                 epoch=epoch,
                 step=step + 1,
                 global_step=(epoch - 1) * self.steps_per_epoch + step + 1,
             )
-        return losses
+        return curve
 
-    def _checkpoint(self, cmodel: Any, epoch: int, losses: list[torch.Tensor]) -> None:
+    def _checkpoint(self, cmodel: Any, epoch: int, curve: list[torch.Tensor]) -> None:
         blobs = {
             "params.safetensors": save_safetensors(mpc.export_shares(cmodel)),
-            "losses.safetensors": save_safetensors({"loss": torch.cat(losses)}),
+            "losses.safetensors": save_safetensors({"loss": torch.cat(curve)}),
         }
         fields = {
             "run_id": self.job.run_id,
@@ -175,7 +174,3 @@ def _all_gather_table(mine: dict[int, int], max_epoch: int) -> list[dict[int, in
 
 def _main_group() -> Any:
     return comm.get().main_group
-
-
-def _loss(name: str) -> Any:
-    return crypten.nn.MSELoss() if name == "mse" else crypten.nn.CrossEntropyLoss()

@@ -1,0 +1,97 @@
+"""veiltrain.fastpath's binary operators give exactly CrypTen's results, broadcasting included."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+
+from crypten_world import one_party
+from veiltrain import fastpath
+
+
+@pytest.fixture(scope="module")
+def crypten_single(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    with one_party(tmp_path_factory.mktemp("crypten")) as crypten:
+        fastpath.uninstall()  # start from CrypTen's own operators; each test installs its own
+        yield crypten
+        fastpath.uninstall()
+
+
+def _words(*shape: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(-(2**62), 2**62, shape, generator=gen, dtype=torch.int64)
+
+
+def _both(fn: Callable[[], Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """fn's share with CrypTen's operators, then with veiltrain's."""
+    fastpath.uninstall()
+    stock = fn().share.clone()
+    fastpath.install()
+    try:
+        return stock, fn().share.clone()
+    finally:
+        fastpath.uninstall()
+
+
+def _shared(crypten: Any, value: torch.Tensor) -> Any:
+    from crypten.mpc.primitives.binary import BinarySharedTensor
+
+    return BinarySharedTensor(value, src=0)
+
+
+CASES = {
+    "same shape": ((4, 5), (4, 5)),
+    "x broadcast": ((1, 5), (4, 5)),
+    "y broadcast": ((4, 5), (1, 5)),
+}
+
+
+@pytest.mark.parametrize("shapes", CASES.values(), ids=CASES)
+@pytest.mark.parametrize("op", ["xor", "and"])
+def test_shared_operands_match_crypten(crypten_single: Any, shapes: Any, op: str) -> None:
+    x = _shared(crypten_single, _words(*shapes[0], seed=1))
+    y = _shared(crypten_single, _words(*shapes[1], seed=2))
+    stock, fast = _both(lambda: x ^ y if op == "xor" else x & y)
+    assert torch.equal(stock, fast) and fast.shape == (4, 5)
+    assert torch.equal(x.share, _words(*shapes[0], seed=1))  # the operand is left as it was
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+@pytest.mark.parametrize("public", ["int", "tensor", "broadcast tensor"])
+@pytest.mark.parametrize("op", ["xor", "and"])
+def test_public_operands_match_crypten_on_every_rank(
+    crypten_single: Any, monkeypatch: pytest.MonkeyPatch, rank: int, public: str, op: str
+) -> None:
+    from crypten.mpc.primitives.binary import BinarySharedTensor
+
+    x = _shared(crypten_single, _words(1, 5, seed=3))
+    y: Any = {
+        "int": 0x0F0F,
+        "tensor": _words(1, 5, seed=4),
+        "broadcast tensor": _words(3, 5, seed=5),
+    }[public]
+    monkeypatch.setattr(BinarySharedTensor, "rank", property(lambda self: rank))
+    stock, fast = _both(lambda: x ^ y if op == "xor" else x & y)
+    assert torch.equal(stock, fast)
+
+
+def test_a_comparison_circuit_gives_the_same_bits(crypten_single: Any) -> None:
+    values = (torch.arange(1000) - 499.5) / 10  # no zero: its sign is not well defined
+    encrypted = crypten_single.cryptensor(values)
+    stock, fast = _both(encrypted._ltz)
+    assert torch.equal(stock, fast)
+    assert torch.equal(fast, (values < 0).long())
+
+
+def test_install_is_idempotent_and_uninstall_restores_crypten(crypten_single: Any) -> None:
+    from crypten.mpc.primitives.binary import BinarySharedTensor
+
+    original = BinarySharedTensor.__xor__
+    fastpath.install()
+    fastpath.install()
+    assert BinarySharedTensor.__xor__ is fastpath._xor
+    fastpath.uninstall()
+    assert BinarySharedTensor.__xor__ is original
