@@ -52,7 +52,7 @@ CASES = {
     "resnet-style": ModelCase(
         "resnet-style", batch=64, stock_steps=4, warmup=1, lr=0.05, samples=256
     ),
-    "resnet18": ModelCase("resnet18", batch=32, stock_steps=3, warmup=1, lr=0.05, samples=96),
+    "resnet18": ModelCase("resnet18", batch=32, stock_steps=2, warmup=1, lr=0.05, samples=96),
 }
 
 
@@ -66,6 +66,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rng-mib", type=int, default=64)
     p.add_argument("--out", type=Path, default=BENCH / "results")
     p.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp one)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where parties train")
+    p.add_argument(
+        "--only-train", action="store_true", help="train_step_s and fidelity only (the GPU check)"
+    )
     return p.parse_args(argv)
 
 
@@ -189,12 +193,14 @@ def scaling_section(args: argparse.Namespace, work: Path, encrypt: dict[str, Any
 # ------------------------------------------------------------------------------------ train
 
 
-def plaintext_steps(case: ModelCase, npz: Path, steps: int = 20) -> dict[str, Any]:
+def plaintext_steps(
+    case: ModelCase, npz: Path, device: str = "cpu", steps: int = 20
+) -> dict[str, Any]:
     """Torch on one thread (as each party runs): the same model, batch, loss and SGD."""
     torch.set_num_threads(1)
     with np.load(npz) as f:
-        x, y = torch.from_numpy(f["x"]), torch.from_numpy(f["y"]).long()
-    model = build(case.name, tuple(x.shape[1:]), 10).train()
+        x, y = torch.from_numpy(f["x"]).to(device), torch.from_numpy(f["y"]).long().to(device)
+    model = build(case.name, tuple(x.shape[1:]), 10).train().to(device)
     opt = torch.optim.SGD(model.parameters(), lr=case.lr)
     per_epoch = len(x) // case.batch
     times = []
@@ -205,15 +211,17 @@ def plaintext_steps(case: ModelCase, npz: Path, steps: int = 20) -> dict[str, An
         opt.zero_grad()
         loss.backward()  # type: ignore[no-untyped-call]
         opt.step()
+        if device != "cpu":
+            torch.cuda.synchronize()  # CUDA kernels run asynchronously: time their end
         times.append(time.perf_counter() - start)
     return {"step_s": median_after(times, case.warmup), "steps": steps, "threads": 1}
 
 
-def stock_steps(case: ModelCase, npz: Path, work: Path) -> dict[str, Any]:
+def stock_steps(case: ModelCase, npz: Path, work: Path, device: str = "cpu") -> dict[str, Any]:
     out = work / f"stock-{case.name}.json"
     cmd = [sys.executable, str(BENCH / "stock_crypten.py"), "--data", str(npz)]
     cmd += ["--model", case.name, "--batch", str(case.batch), "--steps", str(case.stock_steps)]
-    cmd += ["--lr", str(case.lr), "--out", str(out)]
+    cmd += ["--lr", str(case.lr), "--out", str(out), "--device", device]
     child(cmd, 1800)
     result = json.loads(out.read_text())
     steps = result["steps"]
@@ -228,7 +236,9 @@ def stock_steps(case: ModelCase, npz: Path, work: Path) -> dict[str, Any]:
     }
 
 
-def veiltrain_run(case: ModelCase, dataset: str, epochs: int, work: Path) -> dict[str, Any]:
+def veiltrain_run(
+    case: ModelCase, dataset: str, epochs: int, work: Path, device: str = "cpu"
+) -> dict[str, Any]:
     """veiltrain's stages in order, parties through bench/timed_party.py, then the report."""
     # Built-in models get their sizes from the data; a factory reference needs them given.
     kwargs = kwargs_for(case.name, (3, 32, 32), 10) if case.name == "resnet-style" else {}
@@ -242,6 +252,7 @@ def veiltrain_run(case: ModelCase, dataset: str, epochs: int, work: Path) -> dic
         out=str(work / f"veiltrain-{case.name}"),
         run_id=f"bench-{case.name}",
         timeout_s=900,
+        device=device,
     ).resolved()
     stages: dict[str, float] = {}
     facts = _timed(stages, "encrypt_dataset", lambda: owner.encrypt_dataset(cfg))
@@ -334,14 +345,14 @@ def train_model(args: argparse.Namespace, case: ModelCase, work: Path) -> tuple[
     load: dict[str, list[float]] = {}
     log(f"train {name}: plaintext")
     load["plaintext"] = _load_average()
-    plain = plaintext_steps(case, npz)
+    plain = plaintext_steps(case, npz, args.device)
     log(f"train {name}: stock CrypTen, {case.stock_steps} steps")
     load["stock_crypten"] = _load_average()
-    stock = stock_steps(case, npz, work)
+    stock = stock_steps(case, npz, work, args.device)
     epochs = args.epochs if name == "small-cnn" else 1
     log(f"train {name}: veiltrain, {epochs} epoch(s)")
     load["veiltrain"] = _load_average()
-    run = veiltrain_run(case, dataset, epochs, work)
+    run = veiltrain_run(case, dataset, epochs, work, args.device)
     mine = veiltrain_steps(case, run)
     load["end"] = _load_average()
     steps = {
@@ -385,6 +396,11 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def goals(summary: dict[str, Any]) -> dict[str, Any]:
+    out = _data_goals(summary) if "encrypt" in summary else {}
+    return out | _train_goals(summary)
+
+
+def _data_goals(summary: dict[str, Any]) -> dict[str, Any]:
     enc, up = summary["encrypt"], summary["upload"]
     naive = _ratio(enc["veiltrain_mib_s"], enc["seed_style_mib_s"])
     raw = _ratio(enc["veiltrain_mib_s"], enc["raw_write_mib_s"])
@@ -401,6 +417,11 @@ def goals(summary: dict[str, Any]) -> dict[str, Any]:
     out["owner_rss_flat"] = _goal(
         "owner peak RSS at 4x data <= 1.1x that at 1x", growth, (growth or 99) <= 1.1
     )
+    return out
+
+
+def _train_goals(summary: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
     for name, t in summary["train_step_s"].items():
         if "error" in t:
             out[f"train_step_{name}"] = _goal("measured", None, False)
@@ -429,26 +450,21 @@ def goals(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def markdown(summary: dict[str, Any]) -> str:
-    m, enc, up = summary["machine"], summary["encrypt"], summary["upload"]
+    m = summary["machine"]
     lines = [
         "# veiltrain benchmark summary",
         "",
         f"Machine: {m['nproc']} CPUs (nproc), {m['cpu_model']}, torch {m['torch']}, "
         f"Python {m['python']}, load average at start {m['load_average_at_start']}. "
-        f"Run {summary['started']}, {summary['wall_s']:.0f} s.",
+        f"Run {summary['started']}, {summary['wall_s']:.0f} s, device {summary['device']}.",
         "",
         "Train steps: median seconds per full-batch step after warm-up; plaintext is torch on one "
         "thread, as each party runs. Encrypt: MiB/s of int64 payload (records x words x 8).",
         "",
         "| figure | value |",
         "|---|---|",
-        f"| encrypt, veiltrain ({enc['payload_mib']} MiB) | {enc['veiltrain_mib_s']} MiB/s |",
-        f"| encrypt, seed style (cryptensor per sample, pickled) | {enc['seed_style_mib_s']} "
-        "MiB/s |",
-        f"| encrypt, raw write of the same bytes | {enc['raw_write_mib_s']} MiB/s |",
-        f"| upload, bytes uploaded / bytes encoded | {up['bytes_uploaded']:,} / "
-        f"{up['bytes_encoded']:,} |",
     ]
+    lines += _data_rows(summary) if "encrypt" in summary else []
     for name, t in summary["train_step_s"].items():
         lines += _train_rows(name, t)
     for name, f in summary["fidelity"].items():
@@ -456,7 +472,29 @@ def markdown(summary: dict[str, Any]) -> str:
             f"| fidelity, {name} ({f['steps']} steps): max loss gap / accuracy gap "
             f"| {f['max_loss_gap']} / {f['accuracy_gap']} |"
         )
-    lines.append(f"| protocol randomness (AES-CTR keystream) | {summary['rng_mib_s']} MiB/s |")
+    lines += _scaling_rows(summary) if "scaling" in summary else []
+    lines += ["", "| goal | target | measured | met |", "|---|---|---|---|"]
+    for name, g in summary["goals"].items():
+        lines.append(
+            f"| {name} | {g['target']} | {g['measured']} | {'yes' if g['met'] else 'no'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _data_rows(summary: dict[str, Any]) -> list[str]:
+    enc, up = summary["encrypt"], summary["upload"]
+    return [
+        f"| encrypt, veiltrain ({enc['payload_mib']} MiB) | {enc['veiltrain_mib_s']} MiB/s |",
+        f"| encrypt, seed style (cryptensor per sample, pickled) | {enc['seed_style_mib_s']} "
+        "MiB/s |",
+        f"| encrypt, raw write of the same bytes | {enc['raw_write_mib_s']} MiB/s |",
+        f"| upload, bytes uploaded / bytes encoded | {up['bytes_uploaded']:,} / "
+        f"{up['bytes_encoded']:,} |",
+    ]
+
+
+def _scaling_rows(summary: dict[str, Any]) -> list[str]:
+    lines = [f"| protocol randomness (AES-CTR keystream) | {summary['rng_mib_s']} MiB/s |"]
     for p in summary["scaling"]["owner_encrypt"]:
         lines.append(
             f"| scaling {p['factor']}x ({p['payload_mib']} MiB): encrypt s / owner peak RSS MiB "
@@ -468,12 +506,7 @@ def markdown(summary: dict[str, Any]) -> str:
             for who, peaks in sorted(parties.items())
         )
         lines.append(f"| peak RSS MiB per process, {name} | {shown} |")
-    lines += ["", "| goal | target | measured | met |", "|---|---|---|---|"]
-    for name, g in summary["goals"].items():
-        lines.append(
-            f"| {name} | {g['target']} | {g['measured']} | {'yes' if g['met'] else 'no'} |"
-        )
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _train_rows(name: str, t: dict[str, Any]) -> list[str]:
@@ -497,7 +530,15 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": machine(),
         "models": args.models,
+        "device": args.device,
     }
+    if args.only_train:
+        steps, summary["fidelity"], memory, _ = train_section(args, work)
+        summary["train_step_s"] = steps
+        summary["party_peak_rss_mib"] = memory
+        summary["wall_s"] = round(time.time() - started, 1)
+        summary["goals"] = goals(summary)
+        return summary
     encrypt = encrypt_section(args, work)
     summary["encrypt"] = {k: v for k, v in encrypt.items() if k != "runs"}
     summary["upload"] = upload_section(encrypt)

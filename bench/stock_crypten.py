@@ -51,6 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--lr", type=float, default=0.2)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--timeout-s", type=float, default=600.0)
     p.add_argument("--out", type=Path, default=None, help="result JSON (default: stdout only)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -87,12 +88,15 @@ def _train(crypten: Any, args: argparse.Namespace) -> dict[str, Any]:
     model = build(args.model, shape, classes)
     cmodel = crypten.nn.from_pytorch(model, torch.zeros((1, *shape)))
     cmodel.encrypt()
+    if args.device != "cpu":
+        cmodel = cmodel.to(args.device)  # as CrypTen's GPU examples do: encrypt, then move
     cmodel.train()
     loss_fn = crypten.nn.CrossEntropyLoss()
     steps = []
     for x, y in batches:
         t0 = time.perf_counter()
-        xe, ye = crypten.cryptensor(x, src=0), crypten.cryptensor(y, src=0)
+        xe = crypten.cryptensor(x.to(args.device), src=0)
+        ye = crypten.cryptensor(y.to(args.device), src=0)
         t1 = time.perf_counter()
         out = cmodel(xe)
         t2 = time.perf_counter()
@@ -102,6 +106,8 @@ def _train(crypten: Any, args: argparse.Namespace) -> dict[str, Any]:
         loss.backward()
         t4 = time.perf_counter()
         cmodel.update_parameters(args.lr)
+        if args.device != "cpu":
+            torch.cuda.synchronize()
         t5 = time.perf_counter()
         steps.append(
             {
@@ -131,7 +137,7 @@ def worker(args: argparse.Namespace) -> int:
     if rank == PARTIES:
         crypten.mpc.provider.TTPServer()  # serves until party 0's uninit says 'terminate'
         return 0
-    crypten.init()
+    crypten.init(device=args.device if args.device != "cpu" else None)
     try:
         result = _train(crypten, args)
     finally:
@@ -176,7 +182,7 @@ def _forwarded(args: argparse.Namespace) -> list[str]:
     return [
         *("--data", str(args.data.resolve())),
         *("--model", args.model, "--batch", str(args.batch)),
-        *("--steps", str(args.steps), "--lr", str(args.lr)),
+        *("--steps", str(args.steps), "--lr", str(args.lr), "--device", args.device),
     ]
 
 

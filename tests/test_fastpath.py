@@ -95,3 +95,63 @@ def test_install_is_idempotent_and_uninstall_restores_crypten(crypten_single: An
     assert BinarySharedTensor.__xor__ is fastpath._xor
     fastpath.uninstall()
     assert BinarySharedTensor.__xor__ is original
+
+
+PRODUCTS = {
+    "mul": ("mul", (6, 5), (6, 5), {}),
+    "mul broadcast": ("mul", (1, 5), (6, 5), {}),
+    "matmul": ("matmul", (6, 5), (5, 3), {}),
+    "conv2d": ("conv2d", (2, 3, 7, 7), (4, 3, 3, 3), {"stride": 2, "padding": 1}),
+    "conv1d": ("conv1d", (2, 3, 9), (4, 3, 3), {"dilation": 2}),
+    "conv_transpose2d": ("conv_transpose2d", (2, 4, 5, 5), (4, 3, 3, 3), {"stride": 2}),
+}
+
+
+@pytest.mark.parametrize("name", PRODUCTS)
+def test_beaver_products_match_crypten(crypten_single: Any, name: str) -> None:
+    op, shape_x, shape_y, kwargs = PRODUCTS[name]
+    gen = torch.Generator().manual_seed(11)
+    plain_x, plain_y = torch.randn(shape_x, generator=gen), torch.randn(shape_y, generator=gen)
+    x, y = crypten_single.cryptensor(plain_x), crypten_single.cryptensor(plain_y)
+    stock, fast = _both(lambda: getattr(x, op)(y, **kwargs))
+    assert torch.equal(stock, fast)  # the same product, bit for bit
+    expected = getattr(torch, op)(plain_x, plain_y, **kwargs)
+    assert torch.allclose(fast.double() / 2**16, expected.double(), atol=1e-2)
+
+
+CONVS = {
+    "plain": ((4, 3, 8, 8), (5, 3, 3, 3), {}),
+    "padded, strided": ((3, 2, 9, 9), (4, 2, 3, 3), {"stride": 2, "padding": 1}),
+    "dilated, non-square": ((2, 3, 10, 9), (2, 3, 3, 2), {"dilation": 2, "padding": (1, 0)}),
+    "1x1": ((4, 6, 5, 5), (3, 6, 1, 1), {}),
+}
+
+
+@pytest.mark.parametrize("case", CONVS.values(), ids=CONVS)
+def test_conv2d_gradients_match_crypten_and_torch(crypten_single: Any, case: Any) -> None:
+    shape_x, shape_w, kwargs = case
+    gen = torch.Generator().manual_seed(12)
+    plain_x, plain_w = torch.randn(shape_x, generator=gen), torch.randn(shape_w, generator=gen)
+    plain_g = torch.randn(torch.conv2d(plain_x, plain_w, **kwargs).shape, generator=gen)
+
+    def grads() -> tuple[Any, Any]:
+        x = crypten_single.cryptensor(plain_x, requires_grad=True)
+        w = crypten_single.cryptensor(plain_w, requires_grad=True)
+        x.conv2d(w, **kwargs).backward(crypten_single.cryptensor(plain_g))
+        return x.grad, w.grad
+
+    fastpath.uninstall()
+    stock = [g.share.clone() for g in grads()]
+    fastpath.install()
+    try:
+        fast = [g.share.clone() for g in grads()]
+    finally:
+        fastpath.uninstall()
+    assert torch.equal(stock[0], fast[0])  # the input gradient is CrypTen's own
+    # CrypTen truncates each sample's kernel gradient, then sums; one matmul truncates once:
+    # the two differ by at most one unit in the last place per sample.
+    assert int((stock[1] - fast[1]).abs().max()) <= shape_x[0]
+    x, w = plain_x.clone().requires_grad_(), plain_w.clone().requires_grad_()
+    torch.conv2d(x, w, **kwargs).backward(plain_g)
+    assert torch.allclose(fast[1].double() / 2**16, w.grad.double(), atol=1e-2)
+    assert torch.allclose(fast[0].double() / 2**16, x.grad.double(), atol=1e-2)

@@ -14,7 +14,8 @@ import pytest
 pytestmark = [pytest.mark.slow, pytest.mark.prefect]
 
 RUN_ID = "interrupted-1"
-OPTIONS = ["--max-samples", "200", "--epochs", "4", "--batch-size", "32", "--timeout-s", "60"]
+# Long enough (60 steps) that the run is still training when the first checkpoint appears.
+OPTIONS = ["--max-samples", "200", "--epochs", "12", "--batch-size", "32", "--timeout-s", "60"]
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
@@ -68,6 +69,15 @@ def _zombie(pid: int) -> bool:
         return True
 
 
+def _wait_for_checkpoint(out: Path, proc: subprocess.Popen[str], timeout_s: float = 240) -> None:
+    """Until a party has checkpointed epoch 1: training is under way and not yet finished."""
+    deadline = time.monotonic() + timeout_s
+    while not any(out.glob("**/checkpoints/epoch-0001/checkpoint.json")):
+        assert proc.poll() is None, f"the run ended early: {proc.communicate()}"
+        assert time.monotonic() < deadline, "no epoch-1 checkpoint appeared"
+        time.sleep(0.2)
+
+
 def _wait_for(path: Path, proc: subprocess.Popen[str], timeout_s: float = 240) -> None:
     deadline = time.monotonic() + timeout_s
     while not path.exists():
@@ -92,7 +102,7 @@ def test_a_stopped_run_stops_its_server_and_parties_and_resumes(
     )
     try:
         _wait_for(out / "logs" / "party-0.log", proc)
-        time.sleep(8)  # the parties are training
+        _wait_for_checkpoint(out, proc)  # the parties are training
         started = _descendants(proc.pid)
         assert len(started) >= 4, "expected the Prefect server, two parties and the dealer"
         proc.send_signal(how)

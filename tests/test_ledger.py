@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from veiltrain import launch, ledger, owner, report, sharing
+from veiltrain import launch, ledger, lossterms, owner, report, sharing
 from veiltrain.config import RunConfig, load_config
 
 pytestmark = pytest.mark.slow
@@ -66,7 +66,9 @@ def test_every_owner_reconstruction_is_in_the_ledger(
     assert result["reveals"] == entries
     assert sum(e["count"] for e in entries) == sum(revealed) > 0  # nothing revealed unrecorded
     by_what = {e["what"]: e for e in entries}
-    assert by_what["training loss"]["count"] == len(result["losses"])
+    # Per step, the cross-entropy's terms: one sum and one s_i per sample (veiltrain.lossterms).
+    width = lossterms.width(trained.loss, trained.batch_size)
+    assert by_what["training loss"]["count"] == len(result["losses"]) * width
     assert by_what["model parameters"]["epoch"] == 1
     assert all(e["pid"] == os.getpid() and e["run_id"] == trained.run_id for e in entries)
     on_disk = json.loads(Path(trained.out, "report.json").read_text())

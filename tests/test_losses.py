@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
 from crypten_world import one_party
-from veiltrain import losses
+from veiltrain import losses, lossterms
 
 ROWS, CLASSES = 128, 10
 
@@ -27,20 +28,27 @@ def _batch(scale: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return logits, labels
 
 
+def _finished(terms: Any, rows: int) -> float:
+    """The owner's side: decode the stored terms, take the log in floating point."""
+    values = terms.get_plain_text().double().numpy()[None, :]
+    return float(lossterms.finish(values, count=rows, batch_size=rows)[0])
+
+
 @pytest.mark.parametrize("scale", [0.05, 1.0, 3.0, 10.0])
 def test_cross_entropy_matches_torch_from_uncertain_to_confident(
     crypten_single: Any, scale: float
 ) -> None:
     logits, labels = _batch(scale, seed=int(scale * 100))
     target = torch.nn.functional.one_hot(labels, CLASSES).float()
-    loss, grad = losses.cross_entropy(
+    terms, grad = losses.cross_entropy(
         crypten_single.cryptensor(logits), crypten_single.cryptensor(target)
     )
+    assert terms.size() == (1 + ROWS,)
     expected = torch.nn.functional.cross_entropy(logits, labels)
-    assert abs(float(loss.get_plain_text()) - float(expected)) < 0.01
+    assert abs(_finished(terms, ROWS) - float(expected)) < 0.005
     expected_grad = (logits.softmax(1) - target) / ROWS
     assert float((grad.get_plain_text() - expected_grad).abs().max()) * ROWS < 0.01
-    # Stock CrypTen on the same confident batch is off by units, not hundredths.
+    # Stock CrypTen on the same confident batch is off by units, not thousandths.
     if scale == 10.0:
         stock = crypten_single.cryptensor(logits).cross_entropy(crypten_single.cryptensor(target))
         assert abs(float(stock.get_plain_text()) - float(expected)) > 0.5
@@ -51,6 +59,7 @@ def test_mse_matches_torch(crypten_single: Any) -> None:
     loss, grad = losses.value_and_grad(
         "mse", crypten_single.cryptensor(out), crypten_single.cryptensor(target)
     )
+    assert loss.size() == (1,)
     assert abs(float(loss.get_plain_text()) - float(((out - target) ** 2).mean())) < 1e-3
     expected = 2 * (out - target) / out.numel()
     assert float((grad.get_plain_text() - expected).abs().max()) < 1e-4
@@ -70,4 +79,21 @@ def test_cross_entropy_gives_the_same_loss_for_shifted_logits(crypten_single: An
     target = crypten_single.cryptensor(torch.nn.functional.one_hot(labels, CLASSES).float())
     base = losses.cross_entropy(crypten_single.cryptensor(logits), target)[0]
     shifted = losses.cross_entropy(crypten_single.cryptensor(logits + 25.0), target)[0]
-    assert abs(float(base.get_plain_text()) - float(shifted.get_plain_text())) < 0.005
+    assert abs(_finished(base, ROWS) - _finished(shifted, ROWS)) < 0.001
+
+
+def test_the_owner_finishes_short_batches_and_flags_wrapped_terms() -> None:
+    # 10 records in batches of 4: steps of 4, 4 and 2; what lies beyond a short batch is padding.
+    assert lossterms.batch_sizes(10, 4, 6) == [4, 4, 2, 4, 4, 2]
+    values = np.array(
+        [
+            [0.5, 1.0, 2.0, 4.0, 8.0],
+            [1.0, 1.0, 1.0, 0.0, -3.0],  # wrapped-around values: a finite loss all the same
+            [0.2, 1.0, 2.0, 99.0, -5.0],
+        ]
+    )
+    got = lossterms.finish(values, count=10, batch_size=4)
+    assert got[0] == pytest.approx((0.5 + np.log(64.0)) / 4)
+    assert got[1] == pytest.approx((1.0 + np.log(2.0**-16) + np.log(3.0)) / 4)
+    assert got[2] == pytest.approx((0.2 + np.log(2.0)) / 2)
+    assert lossterms.finish(np.array([[0.3], [0.2]]), count=10, batch_size=4).tolist() == [0.3, 0.2]

@@ -343,6 +343,17 @@ def test_a_dealer_that_times_out_fails_by_name(tmp_path: Path) -> None:
     assert elapsed < 60
 
 
+def _guarded_step(grads: np.ndarray[Any, Any], tmp_path: Path, mode: str) -> np.ndarray[Any, Any]:
+    """Two parties and the dealer apply one lr-1 SGD step from zero to shares of `grads`."""
+    encoded = np.rint(grads * 2.0**PRECISION_BITS).astype(np.int64)
+    for rank, share in enumerate(sharing.split_full(encoded, 2)):
+        np.savez(tmp_path / f"in_{rank}.npz", a=share, b=share)
+    finished, _ = _run([0, 1, 2], 2, tmp_path, PARTY_TIMEOUT_S, 120, mode=mode)
+    assert all(f.returncode == 0 for f in finished), _report(finished)
+    shares = [np.load(tmp_path / f"out_{r}.npz")["param"] for r in range(2)]
+    return sharing.decode(sharing.reconstruct(shares), PRECISION_BITS)
+
+
 @pytest.mark.slow
 def test_the_overflow_guard_drops_wrapped_gradients_on_both_sides(tmp_path: Path) -> None:
     # x = 2^24 encodes to 2^40, whose square wraps to 0 mod 2^64: a one-sided square test
@@ -350,15 +361,8 @@ def test_the_overflow_guard_drops_wrapped_gradients_on_both_sides(tmp_path: Path
     grads = np.array(
         [0.5, -0.5, 99.0, -99.0, 101.0, -101.0, 2.0**24, -(2.0**24), 2.0**30, -(2.0**30)]
     )
-    encoded = np.rint(grads * 2.0**PRECISION_BITS).astype(np.int64)
-    for rank, share in enumerate(sharing.split_full(encoded, 2)):
-        np.savez(tmp_path / f"in_{rank}.npz", a=share, b=share)
-    finished, _ = _run([0, 1, 2], 2, tmp_path, PARTY_TIMEOUT_S, 120, mode="guard")
-    assert all(f.returncode == 0 for f in finished), _report(finished)
-    shares = [np.load(tmp_path / f"out_{r}.npz")["param"] for r in range(2)]
-    params = sharing.decode(sharing.reconstruct(shares), PRECISION_BITS)
-    expected = np.where(np.abs(grads) < 100, -grads, 0.0)
-    np.testing.assert_allclose(params, expected, atol=1e-3)
+    params = _guarded_step(grads, tmp_path, "guard")
+    np.testing.assert_allclose(params, np.where(np.abs(grads) < 100, -grads, 0.0), atol=1e-3)
 
 
 @pytest.mark.slow
@@ -366,12 +370,6 @@ def test_the_block_guard_drops_whole_blocks_holding_a_wrapped_gradient(tmp_path:
     # Blocks of 4 (the last one padded): legitimate values pass even where one exceeds 100
     # (the block sum stays under 400); a block holding a wrap-sized value is dropped whole.
     grads = np.array([0.5, -0.5, 99.0, 150.0, 1.0, 2.0**32, 3.0, -4.0, -(2.0**31), 7.0, 8.0])
-    encoded = np.rint(grads * 2.0**PRECISION_BITS).astype(np.int64)
-    for rank, share in enumerate(sharing.split_full(encoded, 2)):
-        np.savez(tmp_path / f"in_{rank}.npz", a=share, b=share)
-    finished, _ = _run([0, 1, 2], 2, tmp_path, PARTY_TIMEOUT_S, 120, mode="guard-blocks")
-    assert all(f.returncode == 0 for f in finished), _report(finished)
-    shares = [np.load(tmp_path / f"out_{r}.npz")["param"] for r in range(2)]
-    params = sharing.decode(sharing.reconstruct(shares), PRECISION_BITS)
+    params = _guarded_step(grads, tmp_path, "guard-blocks")
     expected = -grads * np.repeat([1.0, 0.0, 0.0], 4)[: len(grads)]
     np.testing.assert_allclose(params, expected, atol=1e-3)

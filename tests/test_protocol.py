@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -90,3 +93,44 @@ def test_messages_are_json_with_a_size_cap() -> None:
         protocol._checked_length(torch.tensor(protocol.MAX_MESSAGE_BYTES + 1))
     with pytest.raises(TypeError):
         protocol._encode(object())  # nothing that JSON cannot carry: no pickles
+
+
+@pytest.mark.parametrize(
+    ("function", "args", "kwargs"),
+    [
+        ("additive", [[4, 3], [4, 3], "mul"], {}),
+        ("additive", [[1, 3], [4, 3], "mul"], {}),
+        ("additive", [[5, 7], [7, 2], "matmul"], {}),
+        ("additive", [[2, 3, 9, 9], [8, 3, 3, 3], "conv2d"], {"stride": 2, "padding": 1}),
+        ("additive", [[2, 3, 9], [4, 3, 5], "conv1d"], {"dilation": 2}),
+        ("additive", [[2, 4, 9, 9], [8, 2, 3, 3], "conv2d"], {"groups": 2, "padding": [1, 0]}),
+        ("additive", [[2, 4, 5, 5], [4, 3, 3, 3], "conv_transpose2d"], {"stride": 2}),
+        (
+            "additive",
+            [[2, 4, 5], [4, 3, 3], "conv_transpose1d"],
+            {"output_padding": 1, "stride": 2},
+        ),
+        ("additive", [[7], [7], "matmul"], {}),
+        ("additive", [[7], [3, 7, 2], "matmul"], {}),
+        ("additive", [[2, 1, 5, 7], [3, 7, 2], "matmul"], {}),
+        ("binary", [[1, 6], [5, 1]], {}),
+        ("square", [[3, 4]], {}),
+        ("wraps", [[7]], {}),
+        ("B2A", [[2, 2, 2]], {}),
+    ],
+)
+def test_both_ends_agree_on_the_size_of_the_dealer_s_answer(
+    function: str, args: list[Any], kwargs: dict[str, Any]
+) -> None:
+    # The dealer no longer sends the size: party 0 and the dealer must compute the same one.
+    if function == "additive":
+        a, b = (torch.ones(s) for s in args[:2])
+        expected = getattr(torch, args[2])(a, b, **kwargs).size()
+    elif function == "binary":
+        expected = (torch.ones(args[0]) + torch.ones(args[1])).size()
+    else:
+        expected = torch.Size(args[0])
+    as_sent = json.loads(json.dumps(args))  # the dealer sees lists, party 0 torch sizes
+    assert protocol.result_size(function, as_sent, kwargs) == expected
+    sizes = [torch.Size(a) if isinstance(a, list) else a for a in args]
+    assert protocol.result_size(function, sizes, kwargs) == expected

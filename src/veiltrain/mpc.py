@@ -141,6 +141,9 @@ _OPENING_MODULES = frozenset(
 )
 """Where CrypTen opens masked values (x - a, y - b in Beaver products, x ^ r in B2A...)."""
 
+_BATCH_OPENERS = frozenset({"crypten.mpc.primitives.beaver", "veiltrain.fastpath"})
+"""Who may open masked values in a batch: Beaver products, CrypTen's and veiltrain.fastpath's."""
+
 
 def _refuse(what: str) -> Any:
     def refuse(*args: Any, **kwargs: Any) -> Any:
@@ -175,14 +178,15 @@ def forbid_reveal() -> None:
     for cls in (MPCTensor, ArithmeticSharedTensor, BinarySharedTensor):
         cls.get_plain_text = _refuse(f"{cls.__name__}.get_plain_text")
     MPCTensor.reveal = _refuse("MPCTensor.reveal")
-    beaver = frozenset({"crypten.mpc.primitives.beaver"})
     for cls in (ArithmeticSharedTensor, BinarySharedTensor):
         if getattr(cls.reveal, "_veiltrain_guarded", False):
             continue  # already guarded in this process
         # reveal_batch calls reveal from the primitive's own module, after its own check.
         cls.reveal = _masked_only(f"{cls.__name__}.reveal", cls.reveal, _OPENING_MODULES)
         batch = cls.__dict__["reveal_batch"].__func__
-        cls.reveal_batch = staticmethod(_masked_only(f"{cls.__name__}.reveal_batch", batch, beaver))
+        cls.reveal_batch = staticmethod(
+            _masked_only(f"{cls.__name__}.reveal_batch", batch, _BATCH_OPENERS)
+        )
 
 
 def _require_dealer() -> None:
@@ -253,7 +257,7 @@ def load_shares(cmodel: Any, shares: Mapping[str, torch.Tensor], precision_bits:
 def export_shares(cmodel: Any) -> dict[str, torch.Tensor]:
     """This party's int64 share of every parameter and buffer, by state_dict key."""
     return {
-        name: _node_value(node).share.detach().clone().contiguous()
+        name: _node_value(node).share.detach().to("cpu", copy=True).contiguous()
         for name, node in parameter_nodes(cmodel).items()
     }
 
@@ -265,7 +269,7 @@ def from_shares(share: torch.Tensor, precision_bits: int) -> Any:
 
 def share_of(value: Any) -> torch.Tensor:
     """This party's int64 share of an MPCTensor: what a party may store, never a plaintext."""
-    share: torch.Tensor = value.share.detach().clone()
+    share: torch.Tensor = value.share.detach().to("cpu", copy=True)  # stored from the CPU
     return share
 
 

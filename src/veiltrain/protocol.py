@@ -258,8 +258,111 @@ def _serve(server: Any) -> None:
             return
         function, args, kwargs = checked_request(message)
         result = getattr(server, function)(*args, **kwargs)
-        comm.get().send_obj(list(result.size()), 0, server.ttp_group)
+        if result.size() != result_size(function, args, kwargs):
+            raise PartyError(
+                f"the dealer: {function} gave {list(result.size())}, not the size "
+                f"party 0 expects; request {str(message)[:200]!r}"
+            )
         comm.get().broadcast(result, rank, server.comm_group)
+
+
+def result_size(function: str, args: Sequence[Any], kwargs: dict[str, Any]) -> torch.Size:
+    """The size of the dealer's answer, worked out at both ends instead of being sent (one
+    message less per triple) and from shapes alone (CrypTen computed the product on random
+    operands for it; torch's meta tensors would import torch._dynamo into a party)."""
+    if function == "additive":
+        size0, size1, op, *_ = args
+        return torch.Size(_product_size(op, tuple(size0), tuple(size1), kwargs))
+    if function == "binary":
+        return _broadcast(tuple(args[0]), tuple(args[1]))
+    return torch.Size(tuple(args[0]))
+
+
+def _broadcast(a: tuple[int, ...], b: tuple[int, ...]) -> torch.Size:
+    return torch.Size(torch.broadcast_shapes(a, b))  # type: ignore[no-untyped-call]
+
+
+def _product_size(
+    op: str, a: tuple[int, ...], b: tuple[int, ...], kwargs: dict[str, Any]
+) -> tuple[int, ...]:
+    if op == "mul":
+        return tuple(_broadcast(a, b))
+    if op == "matmul":
+        return _matmul_size(a, b)
+    return _conv_size(a, b, op.startswith("conv_transpose"), **kwargs)
+
+
+def _matmul_size(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    """torch.matmul's result shape (vectors, matrices, broadcast batches)."""
+    if len(a) == 1 and len(b) == 1:
+        return ()
+    if len(a) == 1:
+        return (*b[:-2], b[-1])
+    if len(b) == 1:
+        return a[:-1]
+    return (*_broadcast(a[:-2], b[:-2]), a[-2], b[-1])
+
+
+def _conv_size(
+    x: tuple[int, ...],
+    w: tuple[int, ...],
+    transpose: bool,
+    *,
+    stride: Any = 1,
+    padding: Any = 0,
+    dilation: Any = 1,
+    groups: int = 1,
+    output_padding: Any = 0,
+) -> tuple[int, ...]:
+    """torch's convolution output shape: (N, C_out, *spatial)."""
+    dims = len(x) - 2
+
+    def per_dim(value: Any) -> list[int]:
+        return [int(value)] * dims if isinstance(value, int) else [int(v) for v in value]
+
+    s, p, d, o = (per_dim(v) for v in (stride, padding, dilation, output_padding))
+    k = w[2:]
+    if transpose:
+        spatial = [
+            (h - 1) * s[i] - 2 * p[i] + d[i] * (k[i] - 1) + o[i] + 1 for i, h in enumerate(x[2:])
+        ]
+        return (x[0], w[1] * groups, *spatial)
+    spatial = [(h + 2 * p[i] - d[i] * (k[i] - 1) - 1) // s[i] + 1 for i, h in enumerate(x[2:])]
+    return (x[0], w[0], *spatial)
+
+
+def _ttp_request(self: Any, function: str, device: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """Party 0's request to the dealer: the request, then the answer (CrypTen sends its size
+    in between, one more round trip per triple)."""
+    import crypten.communicator as comm
+
+    message = {"function": function, "device": None, "args": args, "kwargs": kwargs}
+    dealer = comm.get().get_ttp_rank()
+    comm.get().send_obj(message, dealer, self.ttp_group)
+    result = torch.empty(result_size(function, args, kwargs), dtype=torch.long, device=device)
+    comm.get().broadcast(result, dealer, self.comm_group)
+    return result
+
+
+def _additive_triple(
+    self: Any, size0: Any, size1: Any, op: str, device: Any = None, *args: Any, **kwargs: Any
+) -> tuple[Any, Any, Any]:
+    """CrypTen's TTP triple with the same draws in the same order; parties other than 0 get the
+    size of c from shapes instead of computing the product on random operands (CrypTen does)."""
+    import crypten.communicator as comm
+    from crypten.mpc.primitives import ArithmeticSharedTensor
+    from crypten.mpc.provider.ttp_provider import TTPClient
+
+    generator = TTPClient.get().get_generator(device=device)
+    a = random_ring_element(size0, generator=generator, device=device)
+    b = random_ring_element(size1, generator=generator, device=device)
+    if comm.get().get_rank() == 0:
+        c = TTPClient.get().ttp_request("additive", device, size0, size1, op, *args, **kwargs)
+    else:
+        size = result_size("additive", (size0, size1, op, *args), kwargs)
+        c = random_ring_element(size, generator=generator, device=device)
+    a, b, c = (ArithmeticSharedTensor.from_shares(t, precision=0) for t in (a, b, c))
+    return a, b, c
 
 
 # --------------------------------------------------------------------- messages without pickle
@@ -359,6 +462,8 @@ def install() -> None:
     client = ttp_provider.TTPClient._TTPClient__TTPClient
     client._setup_generators = _client_setup_generators
     ttp_provider.TTPServer.__init__ = _serve
+    client.ttp_request = _ttp_request
+    ttp_provider.TrustedThirdParty.generate_additive_triple = _additive_triple
     ttp_provider.TTPServer._setup_generators = _server_setup_generators
     DistributedCommunicator.send_obj = send_obj
     DistributedCommunicator.recv_obj = recv_obj

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from veiltrain import audit, checkpoints, data, ledger, models, runstate, schedule
+from veiltrain import audit, checkpoints, data, ledger, lossterms, models, runstate, schedule
 from veiltrain.config import RunConfig
 from veiltrain.contract import (
     PRIVATE_INITIAL,
@@ -69,7 +69,7 @@ def reconstruct(cfg: RunConfig, model: bool = True, purpose: str = "report") -> 
     parties = [_party_shares(party_location(cfg, p), ident, attempts) for p in range(cfg.parties)]
     # Every reconstruction goes through the ledger: the report lists what was revealed.
     steps = f"1-{len(parties[0][0])}"
-    losses = ledger.reveal(
+    values = ledger.reveal(
         cfg.out,
         cfg.run_id,
         "training loss",
@@ -92,6 +92,8 @@ def reconstruct(cfg: RunConfig, model: bool = True, purpose: str = "report") -> 
             purpose=purpose,
         )
         state = {name: torch.from_numpy(values) for name, values in decoded.items()}
+    count = int(runstate.require(owner_location(cfg), cfg.run_id).dataset["count"])
+    losses = lossterms.finish(values, count, cfg.batch_size)
     return Reconstruction(
         agreed.epoch,
         agreed.attempt,
@@ -115,13 +117,20 @@ def _attempt_of(tables: list[dict[int, int]], epoch: int, run_id: str) -> int:
 def _party_shares(
     loc: Location, ident: checkpoints.Identity, attempts: list[int]
 ) -> tuple[np.ndarray[Any, Any], dict[str, torch.Tensor]]:
-    """One party's loss shares of epochs 1..last and its parameter shares after the last."""
+    """One party's stored loss values of epochs 1..last (veiltrain.lossterms) and its parameter
+    shares after the last."""
     losses = [
-        load_safetensors(checkpoints.read(loc, e, "losses.safetensors", ident, a))["loss"]
+        _loss_values(checkpoints.read(loc, e, "losses.safetensors", ident, a))
         for e, a in enumerate(attempts, start=1)
     ]
     params = checkpoints.read_params(loc, len(attempts), ident, attempts[-1])
     return torch.cat(losses).numpy(), params
+
+
+def _loss_values(blob: bytes) -> torch.Tensor:
+    """(steps, width) loss terms; checkpoints from before hold (steps,) losses as `loss`."""
+    tensors = load_safetensors(blob)
+    return tensors["loss_terms"] if "loss_terms" in tensors else tensors["loss"]
 
 
 def restore_model(cfg: RunConfig, state: dict[str, torch.Tensor]) -> torch.nn.Module:

@@ -12,12 +12,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import crypten.communicator as comm
+import numpy as np
 import torch
 from fsspec.implementations.local import LocalFileSystem
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from veiltrain import checkpoints, data, losses, models, mpc, schedule
+from veiltrain import checkpoints, data, losses, lossterms, models, mpc, schedule
 from veiltrain.contract import PARAMS, SPEC, ModelSpec, TrainJob, read_manifest, read_model
 from veiltrain.errors import IntegrityError
 from veiltrain.party_data import PartyData, is_shard
@@ -87,6 +88,8 @@ class Trainer:
         shares = self._initial_shares(start)
         cmodel.encrypt()
         mpc.load_shares(cmodel, shares, self.job.precision_bits)
+        if self.job.device != "cpu":
+            cmodel.to(self.job.device)  # shares, buffers and graph constants alike
         cmodel.train()
         emit("start", epoch=start + 1, epochs=self.job.epochs, steps_per_epoch=self.steps_per_epoch)
         for epoch in range(start + 1, self.job.epochs + 1):
@@ -100,13 +103,15 @@ class Trainer:
         for step in range(self.steps_per_epoch):
             idx = order[step * self.job.batch_size : (step + 1) * self.job.batch_size]
             x, y = self.data.batch(idx)
-            xe, ye = (mpc.from_shares(t, self.job.precision_bits) for t in (x, y))
+            xe, ye = (
+                mpc.from_shares(t.to(self.job.device), self.job.precision_bits) for t in (x, y)
+            )
             out = cmodel(xe)
-            loss, grad = losses.value_and_grad(self.job.loss, out, ye)
+            terms, grad = losses.value_and_grad(self.job.loss, out, ye)
             cmodel.zero_grad()
             out.backward(grad)
             mpc.sgd_step(cmodel, lr)
-            curve.append(mpc.share_of(loss).reshape(1))
+            curve.append(self._stored(terms))
             emit(
                 "step",
                 epoch=epoch,
@@ -115,10 +120,18 @@ class Trainer:
             )
         return curve
 
+    def _stored(self, terms: Any) -> torch.Tensor:
+        """This step's loss terms for the owner, padded to the full batch's width with random
+        words (the owner ignores them; zeros would make the party's store less than uniform)."""
+        share = mpc.share_of(terms)
+        pad = lossterms.width(self.job.loss, self.job.batch_size) - len(share)
+        noise = np.frombuffer(secrets.token_bytes(8 * pad), dtype=np.int64).copy()
+        return torch.cat([share, torch.from_numpy(noise)])
+
     def _checkpoint(self, cmodel: Any, epoch: int, curve: list[torch.Tensor]) -> None:
         blobs = {
             "params.safetensors": save_safetensors(mpc.export_shares(cmodel)),
-            "losses.safetensors": save_safetensors({"loss": torch.cat(curve)}),
+            "losses.safetensors": save_safetensors({"loss_terms": torch.stack(curve)}),
         }
         fields = {
             "run_id": self.job.run_id,

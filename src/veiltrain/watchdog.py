@@ -17,7 +17,7 @@ Thresholds (measured with digits, 128 training samples, batch 32, small CNN; NOT
   correctly computed loss stays below that. Wrapped losses measured at 16 fractional bits were
   1e7 to 6e8 (lr 5, 20, 50).
 - loss < -NEGATIVE_TOLERANCE (0.1): both losses are means of non-negative terms, so a negative
-  one wrapped around. The tolerance covers the log approximation's error (+-0.04 measured).
+  one wrapped around. The tolerance covers the exp approximation's error (the owner takes the log).
 - a jump: an epoch whose mean loss exceeds the best so far (the first step's loss, then each
   good epoch's mean) by more than a chance-level loss (the larger of the untrained model's first
   loss and guessing: ln K for cross-entropy, (K-1)/K^2 for MSE on one-hot targets). Such an
