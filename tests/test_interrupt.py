@@ -92,14 +92,21 @@ def test_a_stopped_run_stops_its_server_and_parties_and_resumes(
     tmp_path: Path, how: signal.Signals, resume: bool
 ) -> None:
     out = tmp_path / "run"
-    proc = subprocess.Popen(
-        _command(out),
-        cwd=tmp_path,
-        env=_env(tmp_path),
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    # Ctrl-C as at a terminal: a suite started in the background (`make test &`) has SIGINT
+    # ignored, children inherit that, and Python then never raises KeyboardInterrupt. A handled
+    # signal is reset to the default in the child at exec.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(
+            _command(out),
+            cwd=tmp_path,
+            env=_env(tmp_path),
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
     try:
         _wait_for(out / "logs" / "party-0.log", proc)
         _wait_for_checkpoint(out, proc)  # the parties are training

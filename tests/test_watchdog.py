@@ -26,7 +26,7 @@ from veiltrain.watchdog import Divergence, DivergenceError
 
 CHANCE = math.log(10)  # digits: ten classes, cross-entropy
 DIVERGING_LR = 20.0
-# On shares end to end: wraps at step 3 here, and the 10x backoff gives lr 1, which trains with
+# On shares end to end: diverges from step 2 here, and the 10x backoff gives lr 1, which trains with
 # stable parity (from 20 the backoff gives lr 2, where fixed point and plaintext drift apart).
 E2E_LR = 10.0
 OPTIONS: dict[str, Any] = {
@@ -223,14 +223,16 @@ def _train(cfg: RunConfig, jobs: list[TrainJob]) -> Callable[[TrainJob], TrainRu
 
 
 @pytest.mark.slow
-def test_without_the_watchdog_a_too_high_lr_wraps_around_silently(
+def test_without_the_watchdog_a_too_high_lr_diverges_silently(
     diverged: tuple[Path, dict[str, Any]],
 ) -> None:
     result = diverged[1]  # the stage "succeeded"; this is the report the user got
     losses = result["losses"]
-    assert any(abs(v) >= 1e4 for v in losses)  # wrapped: +-1e7..1e9 measured
-    assert any(v < 0 for v in losses)  # a negative cross-entropy
-    assert result["max_loss_gap"] > 1e4  # the plaintext shadow tells a different story
+    # Measured: 2.3, 19, 158, 183, 1929, ... tracking plaintext (2.3, 19, 154, 913, 24281, ...)
+    # until plaintext explodes and fixed point saturates. (With CrypTen's loss the decrypted
+    # values wrapped to +-1e7..1e9; the owner-side log keeps them honest.)
+    assert losses[0] < CHANCE + 0.5 and max(losses) > 100 * CHANCE
+    assert result["max_loss_gap"] > 100
     assert result["rollbacks"] == []
     assert watchdog.detect(losses, len(losses) // 2, CHANCE) is not None
 

@@ -136,7 +136,7 @@ def _broadcast_copy(share: torch.Tensor, y: Any) -> torch.Tensor:
 
 
 def install() -> None:
-    """Swap in the single-allocation operators (idempotent; `uninstall` restores CrypTen's)."""
+    """Swap in the patches above (idempotent; `uninstall` restores CrypTen's own)."""
     from crypten.gradients import AutogradConv2D
     from crypten.mpc.primitives import beaver
     from crypten.mpc.primitives.binary import BinarySharedTensor

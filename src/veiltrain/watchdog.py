@@ -105,9 +105,12 @@ def detect(losses: Sequence[float], steps_per_epoch: int, chance: float) -> Dive
             return found
         mean = sum(values) / len(values)
         if mean > best + scale:
+            # The first step above the bar, not the epoch's first: a jump within epoch 1 is
+            # not the untrained model's loss (losses[0] is the bar's own start).
+            first = next((i for i, v in enumerate(values) if v > best + scale), 0)
             return Divergence(
                 epoch,
-                start + 1,
+                start + first + 1,
                 "jump",
                 f"epoch {epoch}'s mean loss rose above the best so far by more than a "
                 "chance-level loss: training diverged",
