@@ -97,20 +97,27 @@ _MT_STATE_OFFSET = 24
 
 
 def _seed_torch(seed: int | bytes) -> None:
-    """Seed torch's CPU generator; a key fills all 19,937 bits of its state from ChaCha20.
+    """Seed torch's CPU generator: a public int as torch does, a key through all 19,937 bits.
 
     torch.manual_seed keeps 32 bits, so weights drawn from it are one of 2^32 candidates that a
-    party knowing the factory and --seed could enumerate. Keyed, the generator's whole state comes
-    from a CSPRNG: as unsearchable as the key, and still reproducible by the owner who holds it.
+    party knowing the factory and --seed could enumerate: fine for weights that are replaced by
+    shares or a checkpoint (the party's skeleton, the report's restore), never for the owner's
+    secret initial weights. A key fills the generator's whole state from ChaCha20 instead.
     """
-    torch.manual_seed(0 if isinstance(seed, bytes) else seed)  # left = 1: the next draw twists
-    if not isinstance(seed, bytes):
-        return
-    words = MaskStream(seed).words(0, _MT_WORDS // 2).view(np.uint32).astype(np.uint64)
-    state = torch.get_rng_state().numpy().copy()
+    if isinstance(seed, bytes):
+        torch.set_rng_state(_keyed_state(seed))
+    else:
+        torch.manual_seed(seed)
+
+
+def _keyed_state(key: bytes) -> torch.Tensor:
+    """A CPU generator state whose 624 MT19937 words come from ChaCha20 under `key`."""
+    # A fresh generator's layout, with `left` = 1 so that the first draw twists the new words.
+    state = torch.Generator().get_state().numpy().copy()
+    words = MaskStream(key).words(0, _MT_WORDS // 2).view(np.uint32).astype(np.uint64)
     state[_MT_STATE_OFFSET : _MT_STATE_OFFSET + 8 * _MT_WORDS] = words.view(np.uint8)
     state[:8] = 0  # torch.initial_seed() then says 0, not a seed the weights came from
-    torch.set_rng_state(torch.from_numpy(state))
+    return torch.from_numpy(state)
 
 
 def resolve(reference: str) -> Callable[..., nn.Module]:
