@@ -8,11 +8,13 @@ int64 output shares to FOLDER/out_<rank>.npz. MODE "randomness": a party writes 
 it holds and shares of triples, B2A bits and zero sharings drawn from them (what an attacker
 holding this party's process would see). MODE "guard": a party applies one SGD step with the
 gradient shares `a` to zero parameters and writes its parameter shares ("guard-blocks": the same
-with the guard on sums of 4 gradients). MODE "stall": a party
-joins and then sends nothing for TIMEOUT_S + 5 s, so that the dealer's wait times out. No party
-ever decrypts: get_plain_text and reveal are made to raise. The dealer (RANK == WORLD_SIZE) only
-serves Beaver triples. A veiltrain error is printed as
-"<ErrorType>: <message>" on stderr with exit status 3.
+with the guard on sums of 4 gradients). MODE "signs": a party writes its shares of a < 0
+(veiltrain's bit-sliced comparison and CrypTen's own) and of relu(a); "signs-stalled": the same,
+but party 1 first sleeps past the timeout, so party 0 waits in an opening. MODE "stall": a party
+joins and then sends nothing for TIMEOUT_S + 5 s, so that the dealer's wait times out. No party ever
+decrypts: get_plain_text and reveal are made to raise. The dealer (RANK == WORLD_SIZE) only
+serves Beaver triples. A veiltrain error is printed as "<ErrorType>: <message>" on stderr with
+exit status 3.
 """
 
 from __future__ import annotations
@@ -124,6 +126,21 @@ def guard(rank: int, folder: Path, precision_bits: int, block: int | None = None
     np.savez(folder / f"out_{rank}.npz", param=mpc.share_of(param).numpy())
 
 
+def signs(rank: int, folder: Path, precision_bits: int) -> None:
+    """Shares of a < 0 from veiltrain's comparison and from CrypTen's, and of relu(a)."""
+    from veiltrain import fastpath, mpc
+
+    with np.load(folder / f"in_{rank}.npz", allow_pickle=False) as data:
+        value = mpc.from_shares(torch.from_numpy(data["a"]), precision_bits)
+    assert mpc.MPCTensor._ltz is fastpath._ltz, "the party runs without veiltrain's comparison"
+    np.savez(
+        folder / f"out_{rank}.npz",
+        ltz=mpc.share_of(value._ltz()).numpy(),
+        stock_ltz=mpc.share_of(fastpath._ORIGINAL["ltz"](value)).numpy(),
+        relu=mpc.share_of(value.relu()).numpy(),
+    )
+
+
 def main(argv: list[str]) -> int:
     rank, world_size = int(argv[0]), int(argv[1])
     rendezvous, timeout_s, folder = argv[2], float(argv[3]), Path(argv[4])
@@ -162,6 +179,12 @@ def _party_work(mode: str, rank: int, folder: Path, precision_bits: int, timeout
         guard(rank, folder, precision_bits)
     elif mode == "guard-blocks":
         guard(rank, folder, precision_bits, block=4)
+    elif mode == "signs":
+        signs(rank, folder, precision_bits)
+    elif mode == "signs-stalled":
+        if rank == 1:
+            time.sleep(timeout_s + 5)
+        signs(rank, folder, precision_bits)
     elif mode == "stall":
         time.sleep(timeout_s + 5)
     else:

@@ -134,3 +134,26 @@ def test_both_ends_agree_on_the_size_of_the_dealer_s_answer(
     assert protocol.result_size(function, as_sent, kwargs) == expected
     sizes = [torch.Size(a) if isinstance(a, list) else a for a in args]
     assert protocol.result_size(function, sizes, kwargs) == expected
+
+
+@pytest.mark.parametrize("extra", [0, 2000])
+def test_a_message_travels_in_one_frame_or_continues_in_a_second(
+    monkeypatch: pytest.MonkeyPatch, extra: int
+) -> None:
+    sent: list[torch.Tensor] = []
+    monkeypatch.setattr(protocol.dist, "send", lambda t, dst, group: sent.append(t.clone()))
+    value = {"function": "square", "args": [[3, 4]], "kwargs": {"pad": "x" * extra}}
+
+    class Channel:
+        main_group = None
+
+    protocol.send_obj(Channel(), value, dst=1)
+    assert len(sent) == (1 if extra == 0 else 2)
+    assert sent[0].numel() == protocol.FRAME_BYTES  # the receiver knows the first size
+
+    def recv(tensor: torch.Tensor, src: int, group: Any) -> None:
+        tensor.copy_(sent.pop(0))  # raises on a size mismatch, as gloo does
+
+    monkeypatch.setattr(protocol.dist, "recv", recv)
+    assert protocol.recv_obj(Channel(), src=0) == value
+    assert not sent

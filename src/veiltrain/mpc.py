@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from veiltrain import compat, fastpath
+from veiltrain import compat, fastpath, protocol
 from veiltrain.errors import ConfigError, InsecureSetupError, PartyError, VeiltrainError
 
 compat.apply()
@@ -94,6 +94,7 @@ def _configure(spec: PartySpec) -> None:
     # All pairwise comparisons in one batched round instead of log2(k) sequential rounds: the
     # softmax max over a few classes and max pooling windows are small, and rounds dominate.
     crypten.cfg.functions.max_method = "pairwise"
+    protocol.set_timeout(spec.timeout_s)  # the waits veiltrain posts itself (fastpath, dealer)
     fastpath.install()  # fewer tensor copies in comparisons; results unchanged (test_fastpath)
 
 

@@ -10,6 +10,7 @@ CrypTen's other object messages) are JSON instead of pickles.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import math
 import secrets
@@ -331,17 +332,91 @@ def _conv_size(
     return (x[0], w[0], *spatial)
 
 
-def _ttp_request(self: Any, function: str, device: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """Party 0's request to the dealer: the request, then the answer (CrypTen sends its size
-    in between, one more round trip per triple)."""
+Pending = Callable[[], torch.Tensor]
+"""The dealer's answer, once it has arrived: waiting is left for after the parties' opening."""
+
+_wait = dt.timedelta(seconds=120)
+
+
+def set_timeout(timeout_s: float) -> None:
+    """How long a party waits for the dealer's answer (the session's timeout)."""
+    global _wait  # noqa: PLW0603 - one setting per process, set by mpc.session
+    _wait = dt.timedelta(seconds=timeout_s)
+
+
+def wait_timeout() -> dt.timedelta:
+    """The session's timeout, for every wait on another process."""
+    return _wait
+
+
+def _ttp_post(self: Any, function: str, device: Any, *args: Any, **kwargs: Any) -> Pending:
+    """Party 0's request to the dealer, answered later: the opening of x - a and y - b needs
+    only a and b, so it runs while the dealer computes c (CrypTen waits first, and sent the
+    answer's size in between, one more round trip per triple)."""
     import crypten.communicator as comm
 
     message = {"function": function, "device": None, "args": args, "kwargs": kwargs}
     dealer = comm.get().get_ttp_rank()
     comm.get().send_obj(message, dealer, self.ttp_group)
     result = torch.empty(result_size(function, args, kwargs), dtype=torch.long, device=device)
-    comm.get().broadcast(result, dealer, self.comm_group)
-    return result
+    work = dist.broadcast(result.data, dealer, group=self.comm_group, async_op=True)
+
+    def answer() -> torch.Tensor:
+        work.wait(_wait)
+        return result
+
+    return answer
+
+
+def _ttp_request(self: Any, function: str, device: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """Party 0's request to the dealer, waiting for the answer (CrypTen's `ttp_request`)."""
+    return _ttp_post(self, function, device, *args, **kwargs)()
+
+
+def _draws(generator: Any, rank: int, function: str, *args: Any, **kwargs: Any) -> Pending:
+    """c: asked of the dealer by party 0, drawn from the party's own stream by the others."""
+    from crypten.mpc.provider.ttp_provider import TTPClient
+
+    if rank == 0:
+        return _ttp_post(TTPClient.get(), function, None, *args, **kwargs)
+    c = random_ring_element(result_size(function, args, kwargs), generator=generator)
+    return lambda: c
+
+
+def additive_parts(
+    size0: Any, size1: Any, op: str, *args: Any, **kwargs: Any
+) -> tuple[torch.Tensor, torch.Tensor, Pending]:
+    """A CPU additive triple's shares a and b now, c when asked (draws as `_additive_triple`)."""
+    import crypten.communicator as comm
+    from crypten.mpc.provider.ttp_provider import TTPClient
+
+    generator = TTPClient.get().get_generator(device=None)
+    a = random_ring_element(size0, generator=generator)
+    b = random_ring_element(size1, generator=generator)
+    c = _draws(generator, comm.get().get_rank(), "additive", size0, size1, op, *args, **kwargs)
+    return a, b, c
+
+
+def binary_parts(size0: Any, size1: Any) -> tuple[torch.Tensor, torch.Tensor, Pending]:
+    """A CPU binary triple's shares a and b now, c = a & b when asked (CrypTen's draws)."""
+    import crypten.communicator as comm
+    from crypten.mpc.provider.ttp_provider import TTPClient
+
+    generator = TTPClient.get().get_generator(device=None)
+    a = kbit_random_tensor(size0, generator=generator)
+    b = kbit_random_tensor(size1, generator=generator)
+    # Party 1 draws c as full words, as CrypTen's kbit draw of 64 bits does.
+    return a, b, _draws(generator, comm.get().get_rank(), "binary", size0, size1)
+
+
+def b2a_parts(size: Any) -> tuple[torch.Tensor, Pending]:
+    """Shares of a random bit r: binary now, arithmetic when asked (CrypTen's `B2A_rng`)."""
+    import crypten.communicator as comm
+    from crypten.mpc.provider.ttp_provider import TTPClient
+
+    generator = TTPClient.get().get_generator(device=None)
+    r_binary = kbit_random_tensor(size, bitlength=1, generator=generator)
+    return r_binary, _draws(generator, comm.get().get_rank(), "B2A", size)
 
 
 def _additive_triple(
@@ -384,22 +459,36 @@ def _checked_length(size: torch.Tensor) -> int:
     return length
 
 
+FRAME_BYTES = 1024
+"""One message to the dealer: an 8-byte length, then JSON (a request is 100-300 bytes). CrypTen
+sent the length and the data as two messages; the rare longer message continues in a second."""
+_HEADER = 8
+
+
 def send_obj(self: Any, obj: Any, dst: int, group: Any = None) -> None:
-    """CrypTen's send_obj, as JSON (stock: pickle)."""
+    """CrypTen's send_obj, as JSON in one fixed-size frame (stock: a pickle after its size)."""
     group = self.main_group if group is None else group
     data = _encode(obj)
-    size = torch.tensor(data.numel(), dtype=torch.int64)
-    dist.send(size, dst=dst, group=group)
-    dist.send(data, dst=dst, group=group)
+    frame = torch.zeros(FRAME_BYTES, dtype=torch.uint8)
+    frame[:_HEADER] = torch.tensor([data.numel()], dtype=torch.int64).view(torch.uint8)
+    head = data[: FRAME_BYTES - _HEADER]
+    frame[_HEADER : _HEADER + head.numel()] = head
+    dist.send(frame, dst=dst, group=group)
+    if data.numel() > head.numel():
+        dist.send(data[head.numel() :].clone(), dst=dst, group=group)
 
 
 def recv_obj(self: Any, src: int, group: Any = None) -> Any:
     """CrypTen's recv_obj, parsing JSON (stock: a restricted unpickler)."""
     group = self.main_group if group is None else group
-    size = torch.zeros((), dtype=torch.int64)
-    dist.recv(size, src=src, group=group)
-    data = torch.empty(_checked_length(size), dtype=torch.uint8)
-    dist.recv(data, src=src, group=group)
+    frame = torch.empty(FRAME_BYTES, dtype=torch.uint8)
+    dist.recv(frame, src=src, group=group)
+    length = _checked_length(frame[:_HEADER].view(torch.int64)[0])
+    data = frame[_HEADER : _HEADER + length]
+    if length > data.numel():
+        rest = torch.empty(length - data.numel(), dtype=torch.uint8)
+        dist.recv(rest, src=src, group=group)
+        data = torch.cat([data, rest])
     return _decode(data)
 
 

@@ -1,0 +1,112 @@
+"""Sign bits of two-party shares with a bit-sliced carry tree (CrypTen's `_ltz`, fewer AND gates).
+
+x < 0 is the top bit of s0 + s1 (mod 2^64), that is s0_63 ^ s1_63 ^ (the carry into bit 63). CrypTen
+computes the whole sum in binary shares with a Kogge-Stone adder: 13 secure ANDs of N words for N
+values, 7 dealer round trips. Only the carry into the top bit is needed, and a tree that merges
+(generate, propagate) pairs halves the gates at every level. The bits are bit-sliced (plane k packs
+bit k of 64 values into one word), so a level's gates are whole planes: 181 planes of N/64 words in
+all (2.8 N words), and one dealer request serves every level, since triples are data-independent.
+
+Security is CrypTen's: every opened value is a gate input XOR-ed with a fresh triple word, and the
+result goes through CrypTen's own single-bit B2A. Party 0 inputs its share's bits, party 1 its own
+(the other's share of each input is zero), which is a valid XOR sharing of each party's share.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+WORD_BITS = 64
+CARRY_BITS = WORD_BITS - 1
+"""Bits 0..62 decide the carry into the sign bit."""
+
+AndFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# Masks of the bit positions whose index has bit j clear, for each swap width j of the transpose.
+_SWAP_MASKS = {
+    32: 0x00000000FFFFFFFF,
+    16: 0x0000FFFF0000FFFF,
+    8: 0x00FF00FF00FF00FF,
+    4: 0x0F0F0F0F0F0F0F0F,
+    2: 0x3333333333333333,
+    1: 0x5555555555555555,
+}
+
+
+def to_planes(words: torch.Tensor) -> torch.Tensor:
+    """(N,) int64 -> (64, ceil(N/64)) int64: row k packs bit k of element e at word e // 64.
+
+    Each block of 64 words is a 64x64 bit matrix, transposed in place by six rounds of masked
+    swaps (row r's columns c + j with row r + j's columns c), all blocks at once: 20 ms for 262k
+    words where numpy's unpack, transpose and pack took 115 ms.
+    """
+    flat = words.reshape(-1)
+    blocks = -(-flat.numel() // WORD_BITS)
+    matrix = torch.zeros(blocks * WORD_BITS, dtype=torch.int64, device=flat.device)
+    matrix[: flat.numel()] = flat
+    matrix = matrix.view(blocks, WORD_BITS)
+    for width, mask in _SWAP_MASKS.items():
+        pairs = matrix.view(blocks, WORD_BITS // (2 * width), 2, width)
+        low, high = pairs[:, :, 0, :], pairs[:, :, 1, :]
+        # The arithmetic shift's sign copies land on positions the mask clears.
+        swap = ((low >> width) ^ high) & mask
+        high ^= swap
+        low ^= swap << width
+    return matrix.t().contiguous()
+
+
+def from_plane(plane: torch.Tensor, count: int) -> torch.Tensor:
+    """A packed plane back to `count` int64 values of 0 or 1 (inverse of a `to_planes` row)."""
+    shifts = torch.arange(WORD_BITS, dtype=torch.int64, device=plane.device)
+    return ((plane.unsqueeze(1) >> shifts) & 1).reshape(-1)[:count]
+
+
+def level_rows(groups: int) -> int:
+    """AND rows one tree level spends on `groups` groups: P_hi & G_lo per pair, P_hi & P_lo but
+    for the lowest pair (the lowest group never needs its propagate: nothing carries into bit 0)."""
+    pairs = groups // 2
+    return 2 * pairs - 1 if pairs else 0
+
+
+def triple_rows() -> list[int]:
+    """Rows of AND gates per round: the generate bits, then each level of the carry tree."""
+    rows, groups = [CARRY_BITS], CARRY_BITS
+    while groups > 1:
+        rows.append(level_rows(groups))
+        groups -= groups // 2
+    return rows
+
+
+def carry_into_top(g: torch.Tensor, p: torch.Tensor, and_fn: AndFn) -> torch.Tensor:
+    """The carry out of rows 0..62 from (generate, propagate) planes, one `and_fn` per level.
+
+    `and_fn` ANDs two equally shaped row stacks (XOR shares in MPC, plain words in tests).
+    Merging (G_lo, P_lo) under (G_hi, P_hi) gives (G_hi ^ P_hi & G_lo, P_hi & P_lo); XOR is OR
+    here because a group cannot both generate and propagate.
+    """
+    while g.shape[0] > 1:
+        pairs = g.shape[0] // 2
+        p_hi = p[1 : 2 * pairs : 2]
+        lows = torch.cat([g[0 : 2 * pairs : 2], p[2 : 2 * pairs : 2]])
+        products = and_fn(torch.cat([p_hi, p_hi[1:]]), lows)
+        merged_g = g[1 : 2 * pairs : 2] ^ products[:pairs]
+        # Row 0 of p is never read (the lowest group's propagate): any row keeps indices aligned.
+        merged_p = torch.cat([p_hi[:1], products[pairs:]])
+        g = torch.cat([merged_g, g[2 * pairs :]])
+        p = torch.cat([merged_p, p[2 * pairs :]])
+    return g[0]
+
+
+def sign_planes(own: torch.Tensor, rank: int, and_fn: AndFn) -> torch.Tensor:
+    """This party's XOR share of the packed sign bits of s0 + s1, from its share's planes.
+
+    Party 0 is the first addend, party 1 the second; each holds all of its addend and a zero share
+    of the other's. Generate = s0 & s1 (a secure AND), propagate = s0 ^ s1 (local).
+    """
+    zeros = torch.zeros_like(own[:CARRY_BITS])
+    first, second = (own[:CARRY_BITS], zeros) if rank == 0 else (zeros, own[:CARRY_BITS])
+    generate = and_fn(first, second)
+    return own[CARRY_BITS] ^ carry_into_top(generate, own[:CARRY_BITS], and_fn)
