@@ -28,9 +28,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from veiltrain import protocol, signbits
+from veiltrain import chains, protocol, signbits
 
 _ORIGINAL: dict[str, Any] = {}
 _BEAVER = "__beaver_protocol"  # a module-level name in crypten.mpc.primitives.beaver
@@ -77,9 +76,9 @@ def _beaver(op: str, x: Any, y: Any, *args: Any, **kwargs: Any) -> Any:
 
     if cfg.mpc.active_security or x.device != y.device:
         return _ORIGINAL["beaver"](op, x, y, *args, **kwargs)  # its checks and errors
-    if _two_parties_on_cpu(x.share, y.share):
+    if chains.on_two_cpu_parties(x.share, y.share):
         a, b, pending = protocol.additive_parts(x.size(), y.size(), op, *args, **kwargs)
-        epsilon, delta = _open([x.share - a, y.share - b], binary=False)
+        epsilon, delta = chains.open_masked([x.share - a, y.share - b], binary=False)
         c = pending()  # the dealer computed it while the parties exchanged
     else:
         provider = crypten.mpc.get_default_provider()
@@ -102,46 +101,14 @@ def _b2a_single_bit(bit: Any) -> Any:
     import crypten.communicator as comm
     from crypten.mpc.primitives.arithmetic import ArithmeticSharedTensor
 
-    if not _two_parties_on_cpu(bit.share):
+    if not chains.on_two_cpu_parties(bit.share):
         return _ORIGINAL["b2a"](bit)
     r_binary, pending = protocol.b2a_parts(bit.size())
-    (z,) = _open([bit.share ^ r_binary], binary=True)
+    (z,) = chains.open_masked([bit.share ^ r_binary], binary=True)
     share = pending() * (1 - 2 * z)
     if comm.get().get_rank() == 0:
         share += z
     return ArithmeticSharedTensor.from_shares(share, precision=0)
-
-
-def _two_parties_on_cpu(*shares: Any) -> bool:
-    import crypten.communicator as comm
-
-    return comm.get().get_world_size() == 2 and all(
-        isinstance(s, torch.Tensor) and s.device.type == "cpu" for s in shares
-    )
-
-
-def _open(masked: list[torch.Tensor], *, binary: bool) -> list[torch.Tensor]:
-    """Open masked values between two parties in one exchange (x - a and y - b, never a value).
-
-    CrypTen's reveal_batch runs an all-reduce per tensor: 2.7 ms for two small ones here, where
-    one isend/irecv pair of all of them takes 0.44 ms; products in a row are bound by this.
-    """
-    import crypten.communicator as comm
-
-    group = comm.get().main_group
-    peer = 1 - comm.get().get_rank()
-    mine = torch.cat([m.reshape(-1) for m in masked])
-    theirs = torch.empty_like(mine)
-    for work in (dist.isend(mine, peer, group=group), dist.irecv(theirs, peer, group=group)):
-        if work is None:
-            raise RuntimeError(f"rank {comm.get().get_rank()} is not in the parties' group")
-        work.wait(protocol.wait_timeout())
-    opened = mine ^ theirs if binary else mine + theirs
-    parts, start = [], 0
-    for m in masked:
-        parts.append(opened[start : start + m.numel()].view(m.shape))
-        start += m.numel()
-    return parts
 
 
 def _conv2d_backward(ctx: Any, grad_output: Any) -> tuple[Any, Any]:
@@ -196,7 +163,7 @@ def _ltz(self: Any) -> Any:
 
     if (
         self.ptype != Ptype.arithmetic
-        or not _two_parties_on_cpu(self._tensor.share)
+        or not chains.on_two_cpu_parties(self._tensor.share)
         or self._tensor.share.numel() == 0
     ):
         return _ORIGINAL["ltz"](self)
@@ -208,6 +175,41 @@ def _ltz(self: Any) -> Any:
     result = bits._to_ptype(Ptype.arithmetic, precision=precision, bits=1)
     result.encoder._scale = 1
     return result
+
+
+def _exp(self: Any) -> Any:
+    """CrypTen's exp, its squarings' triples dealt in one request (veiltrain.chains)."""
+    from crypten.config import cfg
+    from crypten.cryptensor import CrypTensor
+
+    if not _chainable(self):
+        return CrypTensor.exp(self)
+    iterations = int(cfg.functions.exp_iterations)
+    return chains.run(chains.exp, self, chains.exp_count(iterations), iterations=iterations)
+
+
+def _inv_sqrt(self: Any) -> Any:
+    """CrypTen's inverse square root, 2 rounds a Newton step, triples in one request."""
+    from crypten.config import cfg
+    from crypten.cryptensor import CrypTensor
+
+    if not _chainable(self) or cfg.functions.sqrt_nr_initial is not None:
+        return CrypTensor.inv_sqrt(self)
+    exp_iterations = int(cfg.functions.exp_iterations)
+    steps = int(cfg.functions.sqrt_nr_iters)
+    count = chains.inv_sqrt_count(exp_iterations, steps)
+    return chains.run(
+        chains.inv_sqrt, self, count, exp_iterations=exp_iterations, newton_steps=steps
+    )
+
+
+def _chainable(value: Any) -> bool:
+    from crypten.mpc.ptype import ptype as Ptype
+
+    share = value._tensor.share
+    return bool(
+        value.ptype == Ptype.arithmetic and chains.on_two_cpu_parties(share) and share.numel()
+    )
 
 
 def _sign_bits(value: Any, rank: int) -> Any:
@@ -240,7 +242,7 @@ class _PlaneGates:
         a, b = self._a[rows], self._b[rows]
         if a.shape != x.shape or y.shape != x.shape:
             raise RuntimeError(f"sign-bit gates: planes {tuple(x.shape)} past the triple's rows")
-        epsilon, delta = _open([x ^ a, y ^ b], binary=True)
+        epsilon, delta = chains.open_masked([x ^ a, y ^ b], binary=True)
         if self._c is None:
             self._c = self._pending()
         z = self._c[rows] ^ (epsilon & b) ^ (a & delta)
@@ -261,6 +263,7 @@ def _broadcast_copy(share: torch.Tensor, y: Any) -> torch.Tensor:
 
 def install() -> None:
     """Swap in the patches above (idempotent; `uninstall` restores CrypTen's own)."""
+    from crypten.cryptensor import CrypTensor
     from crypten.gradients import AutogradConv2D
     from crypten.mpc import MPCTensor
     from crypten.mpc.primitives import beaver
@@ -275,6 +278,7 @@ def install() -> None:
         conv2d_backward=AutogradConv2D.backward,
         ltz=MPCTensor._ltz,
         b2a=beaver.B2A_single_bit,
+        getattribute=CrypTensor.__getattribute__,
     )
     BinarySharedTensor.__xor__ = _xor
     BinarySharedTensor.__and__ = _and
@@ -282,10 +286,17 @@ def install() -> None:
     AutogradConv2D.backward = staticmethod(_conv2d_backward)
     MPCTensor._ltz = _ltz
     beaver.B2A_single_bit = _b2a_single_bit
+    # CrypTen's debug hook reads cfg.debug.validation_mode (two omegaconf look-ups) on every
+    # attribute access of every encrypted tensor: 14,000 per ResNet-style step. Validation
+    # decrypts intermediate values, which a party must never do, so mpc.session pins it off.
+    CrypTensor.__getattribute__ = CrypTensor.__getattribute__.__wrapped__
+    MPCTensor.exp = _exp  # CrypTensor's own stay where they are, one class up
+    MPCTensor.inv_sqrt = _inv_sqrt
 
 
 def uninstall() -> None:
     """Put CrypTen's own operators back (tests compare both)."""
+    from crypten.cryptensor import CrypTensor
     from crypten.gradients import AutogradConv2D
     from crypten.mpc import MPCTensor
     from crypten.mpc.primitives import beaver
@@ -299,3 +310,5 @@ def uninstall() -> None:
     AutogradConv2D.backward = staticmethod(_ORIGINAL.pop("conv2d_backward"))
     MPCTensor._ltz = _ORIGINAL.pop("ltz")
     beaver.B2A_single_bit = _ORIGINAL.pop("b2a")
+    CrypTensor.__getattribute__ = _ORIGINAL.pop("getattribute")
+    del MPCTensor.exp, MPCTensor.inv_sqrt

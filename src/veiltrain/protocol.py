@@ -357,12 +357,16 @@ def _ttp_post(self: Any, function: str, device: Any, *args: Any, **kwargs: Any) 
 
     message = {"function": function, "device": None, "args": args, "kwargs": kwargs}
     dealer = comm.get().get_ttp_rank()
-    comm.get().send_obj(message, dealer, self.ttp_group)
+    # Not waiting for the send either: a blocking send returns once the dealer has taken it.
+    works = [dist.isend(frame, dealer, group=self.ttp_group) for frame in _frames(message)]
     result = torch.empty(result_size(function, args, kwargs), dtype=torch.long, device=device)
-    work = dist.broadcast(result.data, dealer, group=self.comm_group, async_op=True)
+    works.append(dist.broadcast(result.data, dealer, group=self.comm_group, async_op=True))
 
     def answer() -> torch.Tensor:
-        work.wait(_wait)
+        for work in works:
+            if work is None:
+                raise PartyError("party 0 is not in the dealer's group")
+            work.wait(_wait)
         return result
 
     return answer
@@ -465,17 +469,21 @@ sent the length and the data as two messages; the rare longer message continues 
 _HEADER = 8
 
 
-def send_obj(self: Any, obj: Any, dst: int, group: Any = None) -> None:
-    """CrypTen's send_obj, as JSON in one fixed-size frame (stock: a pickle after its size)."""
-    group = self.main_group if group is None else group
+def _frames(obj: Any) -> list[torch.Tensor]:
+    """obj as JSON in one frame of FRAME_BYTES (length first), and the rest if it is longer."""
     data = _encode(obj)
     frame = torch.zeros(FRAME_BYTES, dtype=torch.uint8)
     frame[:_HEADER] = torch.tensor([data.numel()], dtype=torch.int64).view(torch.uint8)
     head = data[: FRAME_BYTES - _HEADER]
     frame[_HEADER : _HEADER + head.numel()] = head
-    dist.send(frame, dst=dst, group=group)
-    if data.numel() > head.numel():
-        dist.send(data[head.numel() :].clone(), dst=dst, group=group)
+    return [frame] if data.numel() == head.numel() else [frame, data[head.numel() :].clone()]
+
+
+def send_obj(self: Any, obj: Any, dst: int, group: Any = None) -> None:
+    """CrypTen's send_obj, as JSON in one fixed-size frame (stock: a pickle after its size)."""
+    group = self.main_group if group is None else group
+    for frame in _frames(obj):
+        dist.send(frame, dst=dst, group=group)
 
 
 def recv_obj(self: Any, src: int, group: Any = None) -> Any:
