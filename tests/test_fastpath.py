@@ -155,3 +155,66 @@ def test_conv2d_gradients_match_crypten_and_torch(crypten_single: Any, case: Any
     torch.conv2d(x, w, **kwargs).backward(plain_g)
     assert torch.allclose(fast[1].double() / 2**16, w.grad.double(), atol=1e-2)
     assert torch.allclose(fast[0].double() / 2**16, x.grad.double(), atol=1e-2)
+
+
+def test_a_conv_on_the_data_skips_the_input_gradient(
+    crypten_single: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from crypten.mpc import MPCTensor
+
+    gen = torch.Generator().manual_seed(13)
+    plain_x, plain_w = (
+        torch.randn(2, 3, 6, 6, generator=gen),
+        torch.randn(4, 3, 3, 3, generator=gen),
+    )
+    transposed: list[int] = []
+    original = MPCTensor.conv_transpose2d
+
+    def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+        transposed.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(MPCTensor, "conv_transpose2d", counted)
+    fastpath.install()
+    try:
+        x = crypten_single.cryptensor(plain_x)  # data: no gradient wanted
+        w = crypten_single.cryptensor(plain_w, requires_grad=True)
+        x.conv2d(w).backward(crypten_single.cryptensor(torch.ones(2, 4, 4, 4)))
+    finally:
+        fastpath.uninstall()
+    assert not transposed and x.grad is None
+    w_plain = plain_w.clone().requires_grad_()
+    torch.conv2d(plain_x, w_plain).backward(torch.ones(2, 4, 4, 4))
+    assert torch.allclose(w.grad.get_plain_text(), w_plain.grad, atol=1e-2)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_batchnorm_gradients_match_crypten_and_torch(crypten_single: Any, training: bool) -> None:
+    gen = torch.Generator().manual_seed(5)
+    plain_x = torch.randn(8, 3, 4, 4, generator=gen) * 2 + 1
+    plain_w, plain_b = torch.rand(3, generator=gen) + 0.5, torch.randn(3, generator=gen)
+    plain_g = torch.randn(8, 3, 4, 4, generator=gen)
+    mean, var = plain_x.mean((0, 2, 3)), plain_x.var((0, 2, 3))
+
+    def gradients() -> list[torch.Tensor]:
+        x, w, b = (
+            crypten_single.cryptensor(t, requires_grad=True) for t in (plain_x, plain_w, plain_b)
+        )
+        stats = {} if training else {"running_mean": mean, "running_var": var}
+        out = x.batchnorm(w, b, training=training, **stats)
+        out.backward(crypten_single.cryptensor(plain_g))
+        return [t.grad.get_plain_text() for t in (x, w, b)]
+
+    fastpath.uninstall()
+    stock = gradients()
+    fastpath.install()
+    try:
+        fast = gradients()
+    finally:
+        fastpath.uninstall()
+    x, w, b = (t.clone().requires_grad_() for t in (plain_x, plain_w, plain_b))
+    args = (None, None) if training else (mean, var)
+    torch.nn.functional.batch_norm(x, *args, w, b, training=training).backward(plain_g)
+    for ours, theirs, reference in zip(fast, stock, (x.grad, w.grad, b.grad), strict=True):
+        assert torch.allclose(ours, reference, atol=0.02), (ours - reference).abs().max()
+        assert (ours - reference).abs().max() <= (theirs - reference).abs().max() + 2e-3
