@@ -10,7 +10,8 @@ holding this party's process would see). MODE "guard": a party applies one SGD s
 gradient shares `a` to zero parameters and writes its parameter shares ("guard-blocks": the same
 with the guard on sums of 4 gradients). MODE "signs": a party writes its shares of a < 0
 (veiltrain's bit-sliced comparison and CrypTen's own) and of relu(a); "signs-stalled": the same,
-but party 1 first sleeps past the timeout, so party 0 waits in an opening. MODE "stall": a party
+but party 1 first sleeps past the timeout, so party 0 waits in an opening. MODE "chains": a party
+writes its shares of exp(a) and inv_sqrt(b), veiltrain's and CrypTen's. MODE "stall": a party
 joins and then sends nothing for TIMEOUT_S + 5 s, so that the dealer's wait times out. No party ever
 decrypts: get_plain_text and reveal are made to raise. The dealer (RANK == WORLD_SIZE) only
 serves Beaver triples. A veiltrain error is printed as "<ErrorType>: <message>" on stderr with
@@ -141,6 +142,23 @@ def signs(rank: int, folder: Path, precision_bits: int) -> None:
     )
 
 
+def chains(rank: int, folder: Path, precision_bits: int) -> None:
+    """Shares of exp(a) and inv_sqrt(b) from veiltrain's chains and from CrypTen's functions."""
+    from crypten.cryptensor import CrypTensor
+
+    from veiltrain import mpc
+
+    with np.load(folder / f"in_{rank}.npz", allow_pickle=False) as data:
+        a, b = (mpc.from_shares(torch.from_numpy(data[k]), precision_bits) for k in ("a", "b"))
+    np.savez(
+        folder / f"out_{rank}.npz",
+        exp=mpc.share_of(a.exp()).numpy(),
+        stock_exp=mpc.share_of(CrypTensor.exp(a)).numpy(),
+        inv_sqrt=mpc.share_of(b.inv_sqrt()).numpy(),
+        stock_inv_sqrt=mpc.share_of(CrypTensor.inv_sqrt(b)).numpy(),
+    )
+
+
 def main(argv: list[str]) -> int:
     rank, world_size = int(argv[0]), int(argv[1])
     rendezvous, timeout_s, folder = argv[2], float(argv[3]), Path(argv[4])
@@ -181,6 +199,8 @@ def _party_work(mode: str, rank: int, folder: Path, precision_bits: int, timeout
         guard(rank, folder, precision_bits, block=4)
     elif mode == "signs":
         signs(rank, folder, precision_bits)
+    elif mode == "chains":
+        chains(rank, folder, precision_bits)
     elif mode == "signs-stalled":
         if rank == 1:
             time.sleep(timeout_s + 5)

@@ -67,6 +67,8 @@ class Chain:
     def products(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
         """[x * y] for each ([x], [y]) pair, truncated back to the scale, in one opening."""
         rows = range(self._next, self._next + len(pairs))
+        if rows.stop > self._a.shape[0]:
+            raise RuntimeError(f"a chain of {self._a.shape[0]} products asked for {rows.stop}")
         self._next = rows.stop
         masked = [
             m
