@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import uuid
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from veiltrain.config import RunConfig, load_config
 from veiltrain.contract import UploadCounts
 from veiltrain.data import one_hot
 from veiltrain.errors import ConfigError, IntegrityError, StoreError
+from veiltrain.ffrecord import FileWriter
 from veiltrain.party_data import PartyData
 from veiltrain.store import Location, sha256_bytes
 
@@ -278,3 +280,39 @@ def test_a_first_upload_reads_each_staged_object_once(
     owner.upload(cfg)
     assert opened and len(opened) == len(set(opened))  # hashed while copied, never re-read
     _check_manifests(cfg, _parties(cfg))
+
+
+class _FullDisk:
+    """A file whose writes fail as a full disk does; everything else is the real file's."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+
+    def write(self, data: Any) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+def test_a_failed_shard_write_surfaces_and_publishes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Shards are written by a thread while the next chunk is encoded: its error must still
+    # reach the caller, naming the shard, and leave no shard that looks complete.
+    cfg = _config(tmp_path, 2)
+    monkeypatch.setattr(owner, "_CHUNK_BYTES", 8 * 74 * 10)  # digits: 74 words, 10 rows a chunk
+    original, calls = FileWriter.write_rows, []
+
+    def failing(self: FileWriter, rows: Any) -> None:
+        calls.append(len(rows))
+        if len(calls) == 3:
+            self._file = _FullDisk(self._file)
+        original(self, rows)
+
+    monkeypatch.setattr(FileWriter, "write_rows", failing)
+    with pytest.raises(StoreError, match=r"shard-00000\.ffr: could not stage samples"):
+        owner.encrypt_dataset(cfg)
+    assert len(calls) == 3  # it stopped at the failure instead of writing the rest
+    staged = owner.staging(cfg, 0).child("dataset")
+    assert not [name for name in staged.list() if name.endswith(".ffr")]

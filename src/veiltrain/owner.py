@@ -6,6 +6,7 @@ import io
 import math
 import secrets
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
@@ -42,7 +43,7 @@ from veiltrain.ffrecord import FileWriter
 from veiltrain.store import HashingReader, Location, check_objects, read_npz, sha256_bytes
 
 _SHARD_BYTES = 64 << 20
-_CHUNK_BYTES = 8 << 20  # records encoded, split and written at a time
+_CHUNK_BYTES = 2 << 20  # records encoded, split and written at a time (2 MiB: 138 MiB/s, 8: 125)
 
 
 # ------------------------------------------------------------------------------- data set
@@ -110,7 +111,7 @@ def _record_order(owner: Location, count: int, reuse: bool) -> np.ndarray[Any, A
 
 def _stage_dataset(cfg: RunConfig, ds: data.Dataset, order: np.ndarray[Any, Any]) -> DatasetFacts:
     """Encode, split and stage the records in `order` chunk by chunk. The owner holds the loaded
-    data set plus one chunk and writes each share byte once: no second copy of the training set
+    data set plus two chunks and writes each share byte once: no second copy of the training set
     (`training_split` rebuilds it from the source, checked against the keyed fingerprint)."""
     scaler = (
         data.Standardizer.fit(ds.x_train)
@@ -122,13 +123,34 @@ def _stage_dataset(cfg: RunConfig, ds: data.Dataset, order: np.ndarray[Any, Any]
         _clear(staging(cfg, party), "dataset")  # a rerun must not upload stale shards
     splitter = sharing.StreamSplitter(cfg.parties)
     shards = _ShardSink(staging(cfg, 0).child("dataset"), info.count, info.record_words)
-    for idx in _chunks(order, max(1, _CHUNK_BYTES // (8 * info.record_words))):
-        records = _records(scaler.apply(ds.x_train[idx]), ds.y_train[idx], ds.num_classes)
-        shards.write(splitter.share0(sharing.encode(records, cfg.precision_bits)))
+    rows = max(1, _CHUNK_BYTES // (8 * info.record_words))
+    shares = (
+        splitter.share0(
+            sharing.encode(
+                _records(scaler.apply(ds.x_train[idx]), ds.y_train[idx], ds.num_classes),
+                cfg.precision_bits,
+            )
+        )
+        for idx in _chunks(order, rows)
+    )
+    _write_overlapped(shards, shares)
     shards.close()
     _write_infos(cfg, info, splitter.seed_shares)
     _save_private(cfg, ds, scaler)
     return info
+
+
+def _write_overlapped(shards: _ShardSink, shares: Iterator[np.ndarray[Any, Any]]) -> None:
+    """Each chunk's write, CRCs and fsync (outside the GIL) in one writer thread while the next
+    chunk is encoded and masked: at most two chunks are held at a time."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="veiltrain-shards") as writer:
+        pending: Future[None] | None = None
+        for share in shares:
+            if pending is not None:
+                pending.result()  # the writer's error surfaces here, in order
+            pending = writer.submit(shards.write, share)
+        if pending is not None:
+            pending.result()
 
 
 def _records(x: np.ndarray[Any, Any], y: np.ndarray[Any, Any], classes: int) -> Any:
