@@ -1,5 +1,4 @@
-"""Two-party openings, and chains of products (exp, inverse square root) with triples dealt up
-front.
+"""Two-party openings, and chains of products (exp, inverse square root) dealt in one request.
 
 CrypTen's iterative functions are round-bound on small tensors: BatchNorm's inverse square root
 runs 27 products in a row on C values, each a dealer round trip (1.4 ms here), an opening
