@@ -93,7 +93,8 @@ def _train(crypten: Any, args: argparse.Namespace) -> dict[str, Any]:
     cmodel.train()
     loss_fn = crypten.nn.CrossEntropyLoss()
     steps = []
-    for x, y in batches:
+    for index, (x, y) in enumerate(batches):
+        _progress(args, {"started": index, "at": time.time()})
         t0 = time.perf_counter()
         xe = crypten.cryptensor(x.to(args.device), src=0)
         ye = crypten.cryptensor(y.to(args.device), src=0)
@@ -124,6 +125,14 @@ def _train(crypten: Any, args: argparse.Namespace) -> dict[str, Any]:
     # Evidence that the stock protocol ran: where the TTP's draw function comes from.
     draw = crypten.mpc.provider.ttp_provider.generate_random_ring_element
     return {"steps": steps, "batch": args.batch, "model": args.model, "rng": draw.__module__}
+
+
+def _progress(args: argparse.Namespace, event: dict[str, Any]) -> None:
+    """Rank 0 notes each step's start, so that a run stopped at its deadline still tells how
+    long its unfinished step had been running (a lower bound of a step's time)."""
+    if int(os.environ["RANK"]) == 0 and args.out is not None:
+        with args.out.with_name("progress.jsonl").open("a") as f:
+            f.write(json.dumps(event) + "\n")
 
 
 def worker(args: argparse.Namespace) -> int:
@@ -174,8 +183,31 @@ def launch(args: argparse.Namespace) -> dict[str, Any]:
             }
             log = (Path(tmp) / f"rank{rank}.log").open("w")
             procs.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=log), log))
-        _wait(procs, args.timeout_s, Path(tmp))
+        try:
+            _wait(procs, args.timeout_s, Path(tmp))
+        except TimeoutError as exc:
+            return _unfinished(Path(tmp) / "progress.jsonl", args, str(exc))
         return dict(json.loads(result.read_text()))
+
+
+def _unfinished(progress: Path, args: argparse.Namespace, why: str) -> dict[str, Any]:
+    """No timings, but how long the step running at the deadline had run: a lower bound."""
+    events = (
+        [json.loads(line) for line in progress.read_text().splitlines()]
+        if progress.exists()
+        else []
+    )
+    last = events[-1] if events else None
+    return {
+        "steps": [],
+        "batch": args.batch,
+        "model": args.model,
+        "unfinished": {
+            "why": why,
+            "step": last["started"] if last else None,
+            "running_s": round(time.time() - last["at"], 1) if last else None,
+        },
+    }
 
 
 def _forwarded(args: argparse.Namespace) -> list[str]:
@@ -194,7 +226,7 @@ def _wait(procs: list[tuple[subprocess.Popen[bytes], Any]], timeout_s: float, lo
             if any(p.returncode not in (None, 0) for p, _ in procs):
                 break
             if time.monotonic() > deadline:
-                raise RuntimeError(f"stock CrypTen did not finish in {timeout_s:.0f} s")
+                raise TimeoutError(f"stock CrypTen did not finish in {timeout_s:.0f} s")
             time.sleep(0.2)
     finally:
         for proc, log in procs:
