@@ -106,12 +106,19 @@ def _initial(cfg: RunConfig) -> dict[str, torch.Tensor]:
     return load_safetensors(Location(cfg.owner_store).read_bytes(PRIVATE_INITIAL))
 
 
+def _seeded(reference: str, kwargs: dict[str, Any], seed: int) -> torch.nn.Module:
+    """The model as torch.manual_seed(seed) draws it (what a naive owner would share)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return models.resolve(reference)(**kwargs)
+
+
 def _seed_search(cfg: RunConfig, target: dict[str, torch.Tensor], seeds: range) -> int | None:
     """The attack: a party knows the factory, its kwargs (the model spec it receives) and maybe
     --seed; it rebuilds the model under every torch seed and looks for the owner's weights."""
     kwargs = json.loads(Location(cfg.stores()[0]).read_bytes("model/spec.json"))["kwargs"]
     for seed in seeds:
-        state = models.build(cfg.model, kwargs, seed).state_dict()
+        state = _seeded(cfg.model, kwargs, seed).state_dict()
         if all(torch.equal(state[k].float(), v) for k, v in target.items()):
             return seed
     return None
@@ -120,7 +127,7 @@ def _seed_search(cfg: RunConfig, target: dict[str, torch.Tensor], seeds: range) 
 def test_a_torch_seed_search_finds_weights_drawn_under_manual_seed(tmp_path: Path) -> None:
     cfg = _encrypted(tmp_path / "run", seed=4242)
     kwargs = owner.model_kwargs(cfg, [1, 8, 8], 10)
-    naive = {k: v.float() for k, v in models.build(cfg.model, kwargs, 1234).state_dict().items()}
+    naive = {k: v.float() for k, v in _seeded(cfg.model, kwargs, 1234).state_dict().items()}
     assert _seed_search(cfg, naive, range(1200, 1300)) == 1234
 
 
@@ -142,13 +149,35 @@ def test_no_torch_seed_rebuilds_the_owner_s_initial_weights(tmp_path: Path) -> N
 
 
 def test_keyed_weights_keep_the_factory_s_distribution() -> None:
-    key, draws = bytes(range(32)), []
-    for seed in (key, 7):
-        weight = models.build("small-cnn", {"width": 64}, seed).state_dict()["conv.weight"]
-        draws.append(weight.flatten())
+    keyed = models.build("small-cnn", {"width": 64}, bytes(range(32)))
+    seeded = _seeded("small-cnn", {"width": 64}, 7)
+    draws = [m.state_dict()["conv.weight"].flatten() for m in (keyed, seeded)]
     bound = 1 / 3  # kaiming-uniform bound of a 3x3 conv with one input channel: 1/sqrt(9)
     assert all(float(d.abs().max()) <= bound for d in draws)
     assert abs(float(draws[0].std()) - float(draws[1].std())) < 0.02  # uniform: bound/sqrt(3)
+
+
+def test_the_keyed_generator_state_has_torch_s_own_layout() -> None:
+    # Built without any torch seeding: it must still be a state torch reads as a fresh
+    # generator's, differing only in the 624 MT19937 words (and the zeroed initial seed).
+    fresh = torch.Generator().get_state().numpy()
+    keyed = models._keyed_state(bytes(range(32))).numpy()
+    assert keyed.shape == fresh.shape
+    words = slice(models._MT_STATE_OFFSET, models._MT_STATE_OFFSET + 8 * models._MT_WORDS)
+    assert np.array_equal(keyed[8 : words.start], fresh[8 : words.start])
+    assert np.array_equal(keyed[words.stop :], fresh[words.stop :])
+    assert not keyed[:8].any() and not np.array_equal(keyed[words], fresh[words])
+    generator = torch.Generator()
+    generator.set_state(torch.from_numpy(keyed))
+    other = torch.Generator()
+    other.set_state(models._keyed_state(bytes(range(1, 33))))
+    assert not torch.equal(torch.rand(8, generator=generator), torch.rand(8, generator=other))
+
+
+def test_weights_that_get_replaced_come_from_a_fresh_key() -> None:
+    # The party's skeleton and the report's restore: no seed anybody could search.
+    first, second = (models.build("small-cnn", {}).state_dict()["conv.weight"] for _ in "ab")
+    assert not torch.equal(first, second)
 
 
 # ------------------------------------------------------------ 3. record order and labels

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import re
+import secrets
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -91,32 +92,26 @@ BUILTIN: dict[str, Callable[..., nn.Module]] = {"small-cnn": SmallCNN, "resnet18
 
 
 # torch's CPU generator (MT19937) state as torch.get_rng_state() lays it out: an 8-byte initial
-# seed, `left` and `seeded` (int32 each), an 8-byte `next`, then 624 state words stored as uint64.
+# seed, `left` and `seeded` (int32 each), an 8-byte `next`, 624 state words stored as uint64,
+# then the normal-sampling caches (zero in a fresh generator). tests/test_secrecy.py checks this
+# layout against torch's own.
 _MT_WORDS = 624
 _MT_STATE_OFFSET = 24
-
-
-def _seed_torch(seed: int | bytes) -> None:
-    """Seed torch's CPU generator: a public int as torch does, a key through all 19,937 bits.
-
-    torch.manual_seed keeps 32 bits, so weights drawn from it are one of 2^32 candidates that a
-    party knowing the factory and --seed could enumerate: fine for weights that are replaced by
-    shares or a checkpoint (the party's skeleton, the report's restore), never for the owner's
-    secret initial weights. A key fills the generator's whole state from ChaCha20 instead.
-    """
-    if isinstance(seed, bytes):
-        torch.set_rng_state(_keyed_state(seed))
-    else:
-        torch.manual_seed(seed)
+_STATE_BYTES = 5056
 
 
 def _keyed_state(key: bytes) -> torch.Tensor:
-    """A CPU generator state whose 624 MT19937 words come from ChaCha20 under `key`."""
-    # A fresh generator's layout, with `left` = 1 so that the first draw twists the new words.
-    state = torch.Generator().get_state().numpy().copy()
-    words = MaskStream(key).words(0, _MT_WORDS // 2).view(np.uint32).astype(np.uint64)
+    """A CPU generator state whose 624 MT19937 words come from ChaCha20 under `key`.
+
+    torch.manual_seed keeps 32 bits, so weights drawn under it are one of 2^32 candidates that a
+    party knowing the factory and a seed could enumerate. No torch seeding is used at all: the
+    whole state is built here, `left` = 1 so that the first draw twists the new words, and the
+    initial-seed field 0, so torch.initial_seed() names no seed the weights came from.
+    """
+    state = np.zeros(_STATE_BYTES, dtype=np.uint8)
+    state[8:16] = np.array([1, 1], dtype="<i4").view(np.uint8)  # left, seeded
+    words = MaskStream(key).words(0, _MT_WORDS // 2).view(np.uint32).astype("<u8")
     state[_MT_STATE_OFFSET : _MT_STATE_OFFSET + 8 * _MT_WORDS] = words.view(np.uint8)
-    state[:8] = 0  # torch.initial_seed() then says 0, not a seed the weights came from
     return torch.from_numpy(state)
 
 
@@ -146,15 +141,15 @@ def resolve(reference: str) -> Callable[..., nn.Module]:
     return factory  # type: ignore[no-any-return]
 
 
-def build(reference: str, kwargs: Mapping[str, Any], seed: int | bytes) -> nn.Module:
-    """Call the factory under a fixed torch generator state: a public int seed (for weights that
-    are replaced by shares or a checkpoint) or a 256-bit key (the owner's secret initial weights).
-    """
+def build(reference: str, kwargs: Mapping[str, Any], key: bytes | None = None) -> nn.Module:
+    """Call the factory with torch's generator filled from a 256-bit key: the run's model-init
+    key for the owner's secret initial weights; a fresh random key (None) where the weights are
+    replaced by shares or a checkpoint, so that nothing about them is predictable either."""
     factory = resolve(reference)
     try:
         # Forked, so the caller's global generator is left as it was.
         with torch.random.fork_rng(devices=[]):
-            _seed_torch(seed)
+            torch.set_rng_state(_keyed_state(secrets.token_bytes(32) if key is None else key))
             model = factory(**kwargs)
     except TypeError as exc:
         raise ConfigError(f"--model-kwargs {dict(kwargs)} do not fit {reference!r}: {exc}") from exc

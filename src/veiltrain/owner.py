@@ -269,12 +269,12 @@ def model_kwargs(cfg: RunConfig, sample_shape: list[int], num_classes: int) -> d
 
 
 def model_spec(
-    cfg: RunConfig, sample_shape: list[int], num_classes: int, init: int | bytes | None = None
+    cfg: RunConfig, sample_shape: list[int], num_classes: int, init: bytes | None = None
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The model and its spec, checked against the data; its weights come from `init` (the
-    run's model-init key for the weights that get shared, else the public --seed)."""
+    run's model-init key for the weights that get shared, else a fresh key: a checked shape)."""
     kwargs = model_kwargs(cfg, sample_shape, num_classes)
-    model = models.build(cfg.model, kwargs, cfg.seed if init is None else init)
+    model = models.build(cfg.model, kwargs, init)
     _check_forward(model, tuple(sample_shape), num_classes, cfg.model)
     spec = {
         "factory": cfg.model,

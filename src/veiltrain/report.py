@@ -136,7 +136,7 @@ def _loss_values(blob: bytes) -> torch.Tensor:
 def restore_model(cfg: RunConfig, state: dict[str, torch.Tensor]) -> torch.nn.Module:
     """A plain PyTorch model with the decrypted parameters (integer buffers keep their init)."""
     spec = read_model(owner_location(cfg), PRIVATE_MODEL_SPEC, ModelSpec)
-    model = models.build(spec.factory, spec.kwargs, cfg.seed)
+    model = models.build(spec.factory, spec.kwargs)  # every float weight is replaced
     merged = {**model.state_dict(), **state}
     model.load_state_dict(merged)
     return model

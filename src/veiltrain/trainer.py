@@ -75,8 +75,8 @@ class Trainer:
 
     def build(self) -> Any:
         """The CrypTen graph for the named factory; its weights are replaced by shares later."""
-        # A random init seed: the party must not be able to rebuild the owner's weights.
-        model = models.build(self.spec.factory, self.spec.kwargs, secrets.randbits(31))
+        # A fresh key: the party's skeleton says nothing about the owner's weights.
+        model = models.build(self.spec.factory, self.spec.kwargs)
         model.train()
         return mpc.to_crypten(model, torch.zeros((1, *self.data.sample_shape)))
 
