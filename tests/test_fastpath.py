@@ -218,3 +218,31 @@ def test_batchnorm_gradients_match_crypten_and_torch(crypten_single: Any, traini
     for ours, theirs, reference in zip(fast, stock, (x.grad, w.grad, b.grad), strict=True):
         assert torch.allclose(ours, reference, atol=0.02), (ours - reference).abs().max()
         assert (ours - reference).abs().max() <= (theirs - reference).abs().max() + 2e-3
+
+
+def test_batchnorm_keeps_torchs_statistics(crypten_single: Any) -> None:
+    # 8 values a channel: the biased and unbiased variances are 8/7 apart.
+    gen = torch.Generator().manual_seed(6)
+    plain_x = torch.randn(8, 3, 1, 1, generator=gen) * 2 + 1
+    plain_w, plain_b = torch.rand(3, generator=gen) + 0.5, torch.randn(3, generator=gen)
+
+    def forward() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x, w, b = (crypten_single.cryptensor(t) for t in (plain_x, plain_w, plain_b))
+        mean = crypten_single.cryptensor(torch.zeros(3))
+        var = crypten_single.cryptensor(torch.ones(3))
+        out = x.batchnorm(w, b, training=True, running_mean=mean, running_var=var)
+        return out.get_plain_text(), mean.get_plain_text(), var.get_plain_text()
+
+    fastpath.uninstall()
+    stock_var = forward()[2]
+    fastpath.install()
+    try:
+        out, running_mean, running_var = forward()
+    finally:
+        fastpath.uninstall()
+    mean, var = torch.zeros(3), torch.ones(3)
+    reference = torch.nn.functional.batch_norm(plain_x, mean, var, plain_w, plain_b, training=True)
+    assert (out - reference).abs().max() < 0.01
+    assert torch.allclose(running_mean, mean, atol=1e-3)
+    assert torch.allclose(running_var, var, atol=1e-3)  # torch's: unbiased, momentum 0.1
+    assert (stock_var - var).abs().max() > 0.02  # CrypTen's: the biased variance

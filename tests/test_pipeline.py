@@ -69,6 +69,11 @@ def test_decrypted_losses_track_the_plaintext_shadow(
     assert report["max_loss_gap"] < 0.05  # fixed-point and approximation error only
     assert losses[-1] < losses[0]  # it learned
     assert abs(report["test_accuracy"] - report["plaintext_test_accuracy"]) <= 0.02
+    # the second shadow starts from the rounded weights: a different curve, close for this net
+    rounded = np.array(report["plaintext_rounded_losses"])
+    assert len(rounded) == len(plain) and np.any(rounded != plain)
+    assert np.max(np.abs(rounded - plain)) == pytest.approx(report["plaintext_rounding_gap"])
+    assert report["plaintext_rounding_gap"] < 0.01
 
 
 def _int64_words(loc: Location, name: str) -> np.ndarray[Any, Any]:

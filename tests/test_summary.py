@@ -34,6 +34,16 @@ def test_summary_lines_headline_then_one_line_per_result() -> None:
     assert summary_lines(REPORT, 108.6)[0].endswith("3 steps in 109 s")
 
 
+def test_the_rounding_gap_follows_the_loss_gap_when_measured() -> None:
+    report = {**REPORT, "plaintext_rounding_gap": 0.2114, "precision_bits": 16}
+    lines = summary_lines(report)
+    assert lines[3:5] == [
+        "largest loss gap vs plaintext:     0.0370",
+        "plaintext vs itself, init rounded: 0.2114 "
+        "(weights rounded to 2^-16: training's own sensitivity)",
+    ]
+
+
 def test_cli_prints_the_same_lines_indented() -> None:
     headline, *facts = summary_lines(REPORT, 109.0)
     assert cli._summary(REPORT, 109.0).splitlines() == [headline, *(f"  {f}" for f in facts)]
@@ -43,3 +53,16 @@ def test_steps_total_counts_the_short_last_batch() -> None:
     assert steps_total(epochs=2, count=150, batch_size=32) == 10
     assert steps_total(epochs=3, count=1437, batch_size=64) == 69
     assert steps_total(epochs=1, count=64, batch_size=64) == 1
+
+
+def test_the_rounded_shadow_starts_on_the_fixed_point_grid() -> None:
+    import torch
+
+    from veiltrain.report import largest_gap, round_to_fixed_point
+
+    state = {"w": torch.randn(1000), "steps": torch.arange(3)}
+    rounded = round_to_fixed_point(state, 16)
+    assert torch.equal(rounded["steps"], state["steps"])  # integer buffers untouched
+    assert torch.equal(rounded["w"] * 2**16, torch.round(rounded["w"] * 2**16))
+    assert 0 < (rounded["w"] - state["w"]).abs().max() <= 2**-17
+    assert largest_gap([1.0, 2.0], [1.5, 1.0]) == 1.0 and largest_gap([], []) == 0.0

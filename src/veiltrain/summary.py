@@ -22,10 +22,21 @@ def summary_lines(report: dict[str, Any], seconds: float | None = None) -> list[
         f"test accuracy (trained on shares): {r['test_accuracy']:.2%}",
         f"plaintext shadow accuracy:         {r['plaintext_test_accuracy']:.2%}",
         f"largest loss gap vs plaintext:     {r['max_loss_gap']:.4f}",
+        *_rounding(r),
         f"final loss: {r['losses'][-1]:.4f} (plaintext {r['plaintext_losses'][-1]:.4f})",
         f"stages: {stages}",
         *audit,
         *rollbacks,
+    ]
+
+
+def _rounding(report: dict[str, Any]) -> list[str]:
+    """How far plaintext training alone moves when its initial weights are rounded as shares."""
+    if "plaintext_rounding_gap" not in report:  # reports written before it was measured
+        return []
+    return [
+        f"plaintext vs itself, init rounded: {report['plaintext_rounding_gap']:.4f} "
+        f"(weights rounded to 2^-{report['precision_bits']}: training's own sensitivity)"
     ]
 
 
