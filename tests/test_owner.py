@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from seaweed import PARTY_BUCKETS, S3Server, use_party_identities
-from veiltrain import contract, owner, sharing
+from veiltrain import contract, data, owner, sharing
 from veiltrain.config import RunConfig, load_config
 from veiltrain.contract import UploadCounts
 from veiltrain.data import one_hot
@@ -295,6 +295,27 @@ class _FullDisk:
         return getattr(self._real, name)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.uint8])
+def test_records_are_encoded_as_the_unfused_passes_encode_them(dtype: Any) -> None:
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((300, 2, 3, 3)) * 40 + 7).astype(dtype)
+    y = rng.integers(0, 4, 300)
+    for scaler in (data.Standardizer.fit(x), data.Standardizer.identity(x.shape[1:])):
+        plain = np.concatenate([scaler.apply(x).reshape(300, -1), one_hot(y, 4)], axis=1)
+        fused = owner.encode_records(x, y, scaler, 4, 16)
+        assert fused.dtype == np.int64 and np.array_equal(fused, sharing.encode(plain, 16))
+
+
+def test_fused_record_encoding_refuses_what_encode_refuses() -> None:
+    x, y = np.array([[1.0], [np.nan]]), np.array([0, 1])
+    identity = data.Standardizer.identity((1,))
+    with pytest.raises(ConfigError, match="1 value.s. are NaN"):
+        owner.encode_records(x, y, identity, 2, 16)
+    too_big = r"1 of 6 value.s. are outside .* largest magnitude is 1e\+20"
+    with pytest.raises(ConfigError, match=too_big):
+        owner.encode_records(np.array([[1.0], [1e20]]), y, identity, 2, 16)
+
+
 def test_a_failed_shard_write_surfaces_and_publishes_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -304,11 +325,11 @@ def test_a_failed_shard_write_surfaces_and_publishes_nothing(
     monkeypatch.setattr(owner, "_CHUNK_BYTES", 8 * 74 * 10)  # digits: 74 words, 10 rows a chunk
     original, calls = FileWriter.write_rows, []
 
-    def failing(self: FileWriter, rows: Any) -> None:
+    def failing(self: FileWriter, rows: Any, sync: bool = False) -> None:
         calls.append(len(rows))
         if len(calls) == 3:
             self._file = _FullDisk(self._file)
-        original(self, rows)
+        original(self, rows, sync)
 
     monkeypatch.setattr(FileWriter, "write_rows", failing)
     with pytest.raises(StoreError, match=r"shard-00000\.ffr: could not stage samples"):

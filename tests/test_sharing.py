@@ -106,7 +106,9 @@ def test_a_stream_split_in_chunks_equals_one_split(
     seeds = more.draw(st.lists(seeds_st, min_size=n - 1, max_size=n - 1, unique=True))
     cuts = sorted(more.draw(st.lists(st.integers(0, e.size), max_size=4)))
     splitter = sharing.StreamSplitter(n, seeds)
-    pieces = [splitter.share0(e[a:b]) for a, b in zip([0, *cuts], [*cuts, e.size], strict=True)]
+    in_place = more.draw(st.booleans())
+    spans = zip([0, *cuts], [*cuts, e.size], strict=True)
+    pieces = [splitter.share0(e[a:b].copy(), in_place=in_place) for a, b in spans]
     share0, seed_shares = split(e, n, seeds=seeds)
     assert np.array_equal(np.concatenate(pieces), share0)
     assert splitter.seed_shares == seed_shares and splitter.words == e.size
@@ -119,6 +121,17 @@ def test_a_stream_split_crosses_chunk_boundaries() -> None:
     share0 = np.concatenate([splitter.share0(row) for row in e])
     mask = expand(splitter.seed_shares[0], (e.size,))
     assert np.array_equal(reconstruct([share0, mask]), e.reshape(-1))
+
+
+def test_an_in_place_share_masks_the_callers_array() -> None:
+    e = encode(np.linspace(-5, 5, 300_000))
+    chunk = e.copy()
+    share0 = sharing.StreamSplitter(2, [b"k" * 32]).share0(chunk, in_place=True)
+    assert share0 is chunk and not np.array_equal(chunk, e)
+    assert np.array_equal(share0, sharing.StreamSplitter(2, [b"k" * 32]).share0(e))
+    readonly = e.copy()
+    readonly.flags.writeable = False  # refused quietly: a copy is masked instead
+    assert np.array_equal(sharing.StreamSplitter(2, [b"k" * 32]).share0(readonly), share0)
 
 
 def test_torch_tensors_in_and_out() -> None:

@@ -9,7 +9,6 @@ import struct
 import tempfile
 import warnings
 import weakref
-import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,10 @@ import numpy.typing as npt
 from fsspec import AbstractFileSystem
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
+
+# ISA-L's CRC-32 is zlib's (same polynomial and values) at 5x the speed here: a third of the
+# owner's shard writer went to zlib.crc32 (13 ms of 41 for 32 MiB).
+from isal.isal_zlib import crc32
 
 from veiltrain.errors import ConfigError, IntegrityError, StoreError
 from veiltrain.store import STORE_FAILURES, store_error
@@ -215,7 +218,7 @@ def _check_meta(url: str, meta_crc: int, meta: bytes, allow_legacy: bool) -> Non
             stacklevel=4,
         )
         return
-    actual = zlib.crc32(meta)
+    actual = crc32(meta)
     if actual != meta_crc:
         raise CorruptFileError(
             f"{url}: checksum of metadata mismatched (stored {meta_crc:08x}, computed "
@@ -294,7 +297,7 @@ def _extract(
 ) -> Sample:
     view = memoryview(blob)[int(shard.offsets[local]) - base : int(shard.ends[local]) - base]
     if check:
-        stored, actual = int(shard.checksums[local]), zlib.crc32(view)
+        stored, actual = int(shard.checksums[local]), crc32(view)
         if stored != actual:
             raise CorruptFileError(
                 f"{shard.url}: sample {local} (index {first + local} in the reader) fails its "
@@ -502,6 +505,10 @@ def _as_bytes(data: Any) -> memoryview:
     return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
+# fdatasync skips the metadata fsync would also flush; not every platform has it.
+_datasync = getattr(os, "fdatasync", os.fsync)
+
+
 def _remove_quietly(file: IO[bytes], path: str) -> None:
     file.close()
     # Gone already when os.replace published it or an earlier discard removed it.
@@ -577,13 +584,17 @@ class FileWriter:
         except STORE_FAILURES as exc:
             self._abort()
             raise _store_error(self.path, "stage a sample for", exc) from exc
-        self._checksums[self.count] = zlib.crc32(view)
+        self._checksums[self.count] = crc32(view)
         self._offsets[self.count] = self._pos
         self._pos += view.nbytes
         self.count += 1
 
-    def write_rows(self, rows: npt.NDArray[Any]) -> None:
-        """Append each row of a C-contiguous 2-D array as one sample, in one write."""
+    def write_rows(self, rows: npt.NDArray[Any], sync: bool = False) -> None:
+        """Append each row of a C-contiguous 2-D array as one sample, in one write.
+
+        `sync` flushes the block to disk now (fdatasync), so that close's fsync has only the
+        header left: a writer thread then overlaps the flushing with its caller's next block.
+        """
         if self._closed:
             raise ConfigError(f"{self.path}: FileWriter is closed; open a new one")
         if rows.ndim != 2 or not rows.flags.c_contiguous:
@@ -599,11 +610,14 @@ class FileWriter:
         view = rows.data.cast("B")
         try:
             self._file.write(view)
+            if sync:
+                self._file.flush()
+                _datasync(self._file.fileno())
         except STORE_FAILURES as exc:
             self._abort()
             raise _store_error(self.path, "stage samples for", exc) from exc
         span = slice(self.count, self.count + count)
-        self._checksums[span] = [zlib.crc32(view[i * size : (i + 1) * size]) for i in range(count)]
+        self._checksums[span] = [crc32(view[i * size : (i + 1) * size]) for i in range(count)]
         self._offsets[span] = self._pos + size * np.arange(count)
         self._pos += size * count
         self.count += count
@@ -614,7 +628,7 @@ class FileWriter:
 
     def _write_header(self) -> None:
         count = struct.pack("<q", self.n)
-        crc = zlib.crc32(self._offsets.data, zlib.crc32(self._checksums.data, zlib.crc32(count)))
+        crc = crc32(self._offsets.data, crc32(self._checksums.data, crc32(count)))
         self._file.seek(0)
         for part in (struct.pack("<I", crc), count, self._checksums.data, self._offsets.data):
             self._file.write(part)

@@ -61,24 +61,23 @@ def encrypt_dataset(cfg: RunConfig) -> DatasetFacts:
         runstate.check_settings(previous, cfg)
     ds = data.load(cfg.dataset, cfg.test_fraction, cfg.seed, cfg.max_samples)
     key = previous.key if previous is not None else runstate.new_key()
-    fingerprint = runstate.fingerprint(key, ds)
-    if previous is not None and fingerprint != previous.fingerprint:
-        raise ConfigError(
-            f"--dataset {cfg.dataset}: the data changed since run {cfg.run_id} was encrypted; "
-            "its checkpoints were trained on the old data: start a new run (a new --run-id)"
-        )
-    if previous is not None and _staged(cfg):
-        return DatasetFacts.model_validate(previous.dataset)
-    if cfg.warm_start:  # refuse an impossible warm start before anything is encrypted
-        source = warmstart.locate(cfg)
-        spec = model_spec(cfg, list(ds.sample_shape), ds.num_classes)[1]
-        warmstart.check_model(cfg, source, spec)
-    order = _record_order(owner, len(ds.x_train), reuse=previous is not None)
-    info = _stage_dataset(cfg, ds, order)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="veiltrain-fingerprint") as pool:
+        # HMAC-SHA256 runs outside the GIL: a fresh run hashes while it encrypts.
+        fingerprint = pool.submit(runstate.fingerprint, key, ds)
+        if previous is not None:
+            _check_same_data(cfg, previous, fingerprint.result())
+            if _staged(cfg):
+                return DatasetFacts.model_validate(previous.dataset)
+        if cfg.warm_start:  # refuse an impossible warm start before anything is encrypted
+            source = warmstart.locate(cfg)
+            spec = model_spec(cfg, list(ds.sample_shape), ds.num_classes)[1]
+            warmstart.check_model(cfg, source, spec)
+        order = _record_order(owner, len(ds.x_train), reuse=previous is not None)
+        info = _stage_dataset(cfg, ds, order)
     state = runstate.RunState(
         run_id=cfg.run_id,
         key=key,
-        fingerprint=fingerprint,
+        fingerprint=fingerprint.result(),
         settings=runstate.settings_of(cfg),
         # The batch order is public to parties; it comes from its own random seed so that it
         # says nothing about --seed (which also fixes the secret initial weights).
@@ -87,6 +86,14 @@ def encrypt_dataset(cfg: RunConfig) -> DatasetFacts:
     )
     runstate.save(owner, state)  # last: a run record means the encryption is complete
     return info
+
+
+def _check_same_data(cfg: RunConfig, previous: runstate.RunState, fingerprint: str) -> None:
+    if fingerprint != previous.fingerprint:
+        raise ConfigError(
+            f"--dataset {cfg.dataset}: the data changed since run {cfg.run_id} was encrypted; "
+            "its checkpoints were trained on the old data: start a new run (a new --run-id)"
+        )
 
 
 def _staged(cfg: RunConfig) -> bool:
@@ -126,10 +133,10 @@ def _stage_dataset(cfg: RunConfig, ds: data.Dataset, order: np.ndarray[Any, Any]
     rows = max(1, _CHUNK_BYTES // (8 * info.record_words))
     shares = (
         splitter.share0(
-            sharing.encode(
-                _records(scaler.apply(ds.x_train[idx]), ds.y_train[idx], ds.num_classes),
-                cfg.precision_bits,
-            )
+            encode_records(
+                ds.x_train[idx], ds.y_train[idx], scaler, ds.num_classes, cfg.precision_bits
+            ),
+            in_place=True,
         )
         for idx in _chunks(order, rows)
     )
@@ -153,9 +160,27 @@ def _write_overlapped(shards: _ShardSink, shares: Iterator[np.ndarray[Any, Any]]
             pending.result()
 
 
-def _records(x: np.ndarray[Any, Any], y: np.ndarray[Any, Any], classes: int) -> Any:
-    """One row per sample: the features, then the one-hot label (what parties hold shares of)."""
-    return np.concatenate([x.reshape(len(x), -1), data.one_hot(y, classes)], axis=1)
+def encode_records(
+    x: np.ndarray[Any, Any],
+    y: np.ndarray[Any, Any],
+    scaler: data.Standardizer,
+    classes: int,
+    precision_bits: int,
+) -> np.ndarray[Any, Any]:
+    """One fixed-point row per sample: standardised features, then the one-hot label.
+
+    The same words as sharing.encode of the standardised features joined to data.one_hot(y),
+    in one float64 buffer with the passes fused (tests/test_owner.py compares them): dividing by
+    scale * 2^-bits is dividing by scale and then scaling by 2^bits exactly, in one rounding.
+    """
+    rows, features = len(x), scaler.mean.size
+    out = np.zeros((rows, features + classes))
+    values = out[:, :features]
+    np.subtract(x.reshape(rows, -1), scaler.mean.reshape(-1), out=values)
+    np.divide(values, np.ldexp(scaler.scale.reshape(-1), -precision_bits), out=values)
+    np.rint(values, out=values)
+    out[np.arange(rows), features + y] = math.ldexp(1.0, precision_bits)
+    return sharing.to_fixed_point(out, precision_bits)
 
 
 def training_split(cfg: RunConfig) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
@@ -220,7 +245,7 @@ class _ShardSink:
             if self.writer is None:
                 self.writer = self._open()
             take = self.writer.n - self.writer.count
-            self.writer.write_rows(rows[:take])
+            self.writer.write_rows(rows[:take], sync=True)  # flushed chunk by chunk
             rows, self.written = rows[take:], self.written + len(rows[:take])
             if self.writer.count == self.writer.n:
                 self.writer.close()

@@ -114,13 +114,14 @@ def _refuse_non_finite(scaled: Float64Array) -> None:
     )
 
 
-def _refuse_out_of_range(x: Float64Array, scaled: Float64Array, precision_bits: int) -> None:
+def _refuse_out_of_range(scaled: Float64Array, precision_bits: int) -> None:
     bad = np.abs(scaled) >= MAX_ENCODED_ABS
     limit = math.ldexp(1.0, MAX_ENCODED_BITS - precision_bits)
+    largest = math.ldexp(float(np.max(np.abs(scaled))), -precision_bits)
     raise ConfigError(
-        f"encode: {int(np.count_nonzero(bad))} of {x.size} value(s) are outside the safe "
+        f"encode: {int(np.count_nonzero(bad))} of {scaled.size} value(s) are outside the safe "
         f"fixed-point range |x| < {limit:g} (2^{MAX_ENCODED_BITS} / 2^{precision_bits}); "
-        f"the largest magnitude is {float(np.max(np.abs(x))):g}. Standardise the input "
+        f"the largest magnitude is {largest:g}. Standardise the input "
         "(e.g. zero mean, unit variance) or lower precision_bits (each bit less doubles the range)"
     )
 
@@ -132,14 +133,23 @@ def encode(
     _check_precision(precision_bits)
     xf = _as_float64(x)
     # float64 scaling by a power of two is exact, so rounding is the only error (<= 2^-(f+1)).
-    scaled = np.rint(np.ldexp(xf, precision_bits))
+    scaled = np.asarray(np.ldexp(xf, precision_bits))  # 0-d input: ldexp gives a scalar
+    return to_fixed_point(np.rint(scaled, out=scaled), precision_bits)
+
+
+def to_fixed_point(scaled: Float64Array, precision_bits: int) -> Int64Array:
+    """Already scaled and rounded float64 values as int64 words, refusing unsafe values.
+
+    For callers that fuse the scaling into their own passes (the owner's record encoder);
+    `encode` is this after round(x * 2^precision_bits).
+    """
     if scaled.size == 0:
         return scaled.astype(np.int64)
     lo, hi = float(scaled.min()), float(scaled.max())  # NaN propagates into both
     if not (math.isfinite(lo) and math.isfinite(hi)):
         _refuse_non_finite(scaled)
     if hi >= MAX_ENCODED_ABS or -lo >= MAX_ENCODED_ABS:
-        _refuse_out_of_range(xf, scaled, precision_bits)
+        _refuse_out_of_range(scaled, precision_bits)
     return scaled.astype(np.int64)
 
 
@@ -329,13 +339,20 @@ def _party_seeds(n_parties: int, seeds: Sequence[bytes] | None) -> list[bytes]:
 
 
 def _mask_party0(
-    flat: Int64Array, share0: Int64Array, encs: Sequence[Any], masks: Sequence[Int64Array]
+    flat: Int64Array,
+    share0: Int64Array,
+    encs: Sequence[Any],
+    masks: Sequence[Int64Array],
+    copy: bool = True,
 ) -> None:
-    """share0 = flat - sum(masks) chunk by chunk, writing each mask chunk into masks[i]."""
+    """share0 = flat - sum(masks) chunk by chunk, writing each mask chunk into masks[i].
+
+    With copy=False share0 is flat itself, masked where it lies."""
     for start in range(0, flat.size, _CHUNK_WORDS):
         stop = min(start + _CHUNK_WORDS, flat.size)
         out = share0[start:stop]
-        np.copyto(out, flat[start:stop])
+        if copy:
+            np.copyto(out, flat[start:stop])
         for enc, mask in zip(encs, masks, strict=True):
             # A mask that is a full share is filled in place; a scratch buffer is reused per chunk.
             chunk = mask[start:stop] if mask.size == flat.size else mask[: stop - start]
@@ -398,15 +415,20 @@ class StreamSplitter:
     def __repr__(self) -> str:
         return f"StreamSplitter(<{len(self.seed_shares)} seeds hidden>, words={self.words})"
 
-    def share0(self, encoded: npt.ArrayLike | torch.Tensor) -> Int64Array:
-        """Party 0's share of the next chunk (any shape; the stream continues where it was)."""
+    def share0(self, encoded: npt.ArrayLike | torch.Tensor, in_place: bool = False) -> Int64Array:
+        """Party 0's share of the next chunk (any shape; the stream continues where it was).
+
+        `in_place` masks a contiguous int64 `encoded` where it lies (the caller's copy is gone).
+        """
         arr = _as_int64(encoded, "split")
         if self.words + arr.size > MAX_STREAM_WORDS:
             raise ConfigError(
                 f"{self.words + arr.size} words exceed one mask stream ({MAX_STREAM_WORDS})"
             )
-        share0 = np.empty_like(arr)
-        _mask_party0(arr.reshape(-1), share0.reshape(-1), self._encs, self._scratch)
+        in_place = in_place and arr.flags.c_contiguous and arr.flags.writeable
+        share0 = arr if in_place else np.empty_like(arr)
+        flat = arr.reshape(-1)
+        _mask_party0(flat, share0.reshape(-1), self._encs, self._scratch, copy=not in_place)
         self.words += arr.size
         return share0
 
