@@ -159,6 +159,27 @@ def chains(rank: int, folder: Path, precision_bits: int) -> None:
     )
 
 
+def pooling(rank: int, folder: Path, precision_bits: int) -> None:
+    """2x2 max pooling of a (values, one-hots, input gradient) by tournament and by CrypTen."""
+    from crypten.cryptensor import CrypTensor
+
+    from veiltrain import mpc
+
+    with np.load(folder / f"in_{rank}.npz", allow_pickle=False) as data:
+        a, g = (mpc.from_shares(torch.from_numpy(data[k]), precision_bits) for k in ("a", "g"))
+    out, hot = a.max_pool2d(2, return_indices=True)
+    stock_out, stock_hot = CrypTensor.max_pool2d(a, 2, return_indices=True)
+    grad = g._max_pool2d_backward(
+        hot, 2, padding=(0, 0), stride=(2, 2), dilation=(1, 1), output_size=a.size()
+    )
+    np.savez(
+        folder / f"out_{rank}.npz",
+        **{k: mpc.share_of(v).numpy() for k, v in [("out", out), ("hot", hot), ("grad", grad)]},
+        stock_out=mpc.share_of(stock_out).numpy(),
+        stock_hot=mpc.share_of(stock_hot).numpy(),
+    )
+
+
 def main(argv: list[str]) -> int:
     rank, world_size = int(argv[0]), int(argv[1])
     rendezvous, timeout_s, folder = argv[2], float(argv[3]), Path(argv[4])
@@ -201,6 +222,8 @@ def _party_work(mode: str, rank: int, folder: Path, precision_bits: int, timeout
         signs(rank, folder, precision_bits)
     elif mode == "chains":
         chains(rank, folder, precision_bits)
+    elif mode == "pooling":
+        pooling(rank, folder, precision_bits)
     elif mode == "signs-stalled":
         if rank == 1:
             time.sleep(timeout_s + 5)

@@ -1,4 +1,4 @@
-"""veiltrain.chains between real parties: exp and inverse square root as CrypTen's, faster."""
+"""veiltrain.chains and veiltrain.pooling between real parties: CrypTen's results, faster."""
 
 from __future__ import annotations
 
@@ -41,3 +41,33 @@ def test_parties_compute_exp_and_inv_sqrt_as_crypten_does(tmp_path: Path) -> Non
     error = np.abs(value("inv_sqrt") / ideal - 1)
     assert error.max() < 0.01, error.max()
     assert error.max() <= np.abs(value("stock_inv_sqrt") / ideal - 1).max() + 1e-3
+
+
+@pytest.mark.slow
+def test_parties_max_pool_by_tournament_as_crypten_does(tmp_path: Path) -> None:
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((2, 3, 8, 8))
+    x[0, 0, :2, :2] = 0.25  # one tied window
+    g = rng.standard_normal((2, 3, 4, 4))
+    encoded = [np.rint(v * 2.0**PRECISION_BITS).astype(np.int64) for v in (x, g)]
+    shares = [sharing.split_full(e, 2) for e in encoded]
+    for rank in range(2):
+        np.savez(tmp_path / f"in_{rank}.npz", a=shares[0][rank], g=shares[1][rank])
+    finished, _ = _run([0, 1, 2], 2, tmp_path, PARTY_TIMEOUT_S, 120, mode="pooling")
+    assert all(f.returncode == 0 for f in finished), _report(finished)
+    out = [np.load(tmp_path / f"out_{rank}.npz") for rank in range(2)]
+
+    def words(key: str) -> np.ndarray:
+        return sharing.reconstruct([o[key] for o in out])
+
+    windows = encoded[0].reshape(2, 3, 4, 2, 4, 2).transpose(0, 1, 2, 4, 3, 5)
+    assert np.array_equal(words("out"), windows.max((-2, -1)))  # exact: selection only
+    assert np.array_equal(words("out"), words("stock_out"))
+    hot = words("hot")  # one-hots at scale 1
+    assert set(np.unique(hot)) <= {0, 1} and np.all(hot.sum((-2, -1)) == 1)
+    assert np.array_equal(hot[0, 0, 0, 0], [[1, 0], [0, 0]])  # the first of a tie, as torch
+    first = windows.reshape(2, 3, 4, 4, 4).argmax(-1)  # numpy's argmax: the first maximum too
+    assert np.array_equal(hot.reshape(2, 3, 4, 4, 4).argmax(-1), first)
+    routed = np.where(hot == 1, encoded[1][..., None, None], 0)  # g to each window's winner
+    expected = routed.transpose(0, 1, 2, 4, 3, 5).reshape(2, 3, 8, 8)
+    assert np.array_equal(words("grad"), expected)  # the backward as CrypTen's, words exact

@@ -246,3 +246,39 @@ def test_batchnorm_keeps_torchs_statistics(crypten_single: Any) -> None:
     assert torch.allclose(running_mean, mean, atol=1e-3)
     assert torch.allclose(running_var, var, atol=1e-3)  # torch's: unbiased, momentum 0.1
     assert (stock_var - var).abs().max() > 0.02  # CrypTen's: the biased variance
+
+
+POOLS = {
+    "2x2": {"kernel_size": 2},
+    "3x3 stride 2 padded": {"kernel_size": 3, "stride": 2, "padding": 1},
+    "1x1": {"kernel_size": 1},
+}
+
+
+@pytest.mark.parametrize("case", POOLS.values(), ids=POOLS.keys())
+def test_max_pooling_by_tournament_matches_crypten(crypten_single: Any, case: Any) -> None:
+    gen = torch.Generator().manual_seed(8)
+    plain = torch.randn(2, 3, 6, 6, generator=gen)
+    plain[0, 0, :2, :2] = 0.5  # a tied window: the first maximum takes the gradient
+    grad = torch.randn(torch.nn.functional.max_pool2d(plain, **case).shape, generator=gen)
+
+    def pooled() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = crypten_single.cryptensor(plain, requires_grad=True)
+        out, hot = x.max_pool2d(**case, return_indices=True)
+        out.backward(crypten_single.cryptensor(grad))
+        return out.get_plain_text(), hot.get_plain_text(), x.grad.get_plain_text()
+
+    fastpath.uninstall()
+    stock = pooled()
+    fastpath.install()
+    try:
+        fast = pooled()
+    finally:
+        fastpath.uninstall()
+    x = plain.clone().requires_grad_()
+    torch.nn.functional.max_pool2d(x, **case).backward(grad)
+    expected = torch.nn.functional.max_pool2d(plain, **case)
+    assert torch.allclose(fast[0], expected, atol=2**-15)
+    assert torch.equal(fast[0], stock[0])  # the same words: selection needs no truncation
+    assert torch.equal(fast[1].sum((-2, -1)), torch.ones_like(fast[0]))  # exactly one hot
+    assert torch.allclose(fast[2], x.grad, atol=1e-3)  # torch also routes ties to the first

@@ -21,6 +21,7 @@
   the exchange (veiltrain.chains, veiltrain.protocol).
 - exp and the inverse square root (BatchNorm's): CrypTen's approximations as chains of products
   whose triples come in one dealer request (veiltrain.chains).
+- Max pooling as a tournament (veiltrain.pooling): k - 1 comparisons a window of k, not 4k.
 - BatchNorm gradients with 3 full-size products instead of 6; no input gradient for a conv whose
   input needs none; CrypTen's attribute-validation hook off (see `install`).
 - BatchNorm's running variance is the unbiased one, as in torch: CrypTen's `var(unbiased=True)`
@@ -41,7 +42,7 @@ from typing import Any
 
 import torch
 
-from veiltrain import chains, protocol, ringmath, signbits
+from veiltrain import chains, pooling, protocol, ringmath, signbits
 
 _ORIGINAL: dict[str, Any] = {}
 _BEAVER = "__beaver_protocol"  # a module-level name in crypten.mpc.primitives.beaver
@@ -388,6 +389,7 @@ def install() -> None:
     CrypTensor.__getattribute__ = getattr(hooked, "__wrapped__", hooked)
     MPCTensor.exp = _exp  # CrypTensor's own stay where they are, one class up
     MPCTensor.inv_sqrt = _inv_sqrt
+    MPCTensor.max_pool2d = pooling.max_pool2d
 
 
 def uninstall() -> None:
@@ -409,4 +411,4 @@ def uninstall() -> None:
     MPCTensor._ltz = _ORIGINAL.pop("ltz")
     beaver.B2A_single_bit = _ORIGINAL.pop("b2a")
     CrypTensor.__getattribute__ = _ORIGINAL.pop("getattribute")
-    del MPCTensor.exp, MPCTensor.inv_sqrt
+    del MPCTensor.exp, MPCTensor.inv_sqrt, MPCTensor.max_pool2d
