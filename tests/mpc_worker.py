@@ -180,6 +180,31 @@ def pooling(rank: int, folder: Path, precision_bits: int) -> None:
     )
 
 
+def openings(rank: int, folder: Path, precision_bits: int) -> None:
+    """Everything this party learns from the other in two-party openings, while it computes
+    relu(a), a * a and exp(a): the opened words (its own masked words are its own)."""
+    from veiltrain import chains, mpc
+
+    seen: dict[str, list[np.ndarray]] = {"words": [], "binary": [], "bits": []}
+    original = chains.open_masked
+
+    def recorded(masked: list[torch.Tensor], *, binary: bool) -> list[torch.Tensor]:
+        opened = original(masked, binary=binary)
+        # B2A opens one tensor of single bits; every other opening is of whole words.
+        kind = ("bits" if len(masked) == 1 else "binary") if binary else "words"
+        seen[kind] += [o.reshape(-1).numpy().copy() for o in opened]
+        return opened
+
+    chains.open_masked = recorded
+    try:
+        with np.load(folder / f"in_{rank}.npz", allow_pickle=False) as data:
+            a = mpc.from_shares(torch.from_numpy(data["a"]), precision_bits)
+        a.relu(), a * a, (a * 0.1).exp()
+    finally:
+        chains.open_masked = original
+    np.savez(folder / f"out_{rank}.npz", **{k: np.concatenate(v) for k, v in seen.items()})
+
+
 def main(argv: list[str]) -> int:
     rank, world_size = int(argv[0]), int(argv[1])
     rendezvous, timeout_s, folder = argv[2], float(argv[3]), Path(argv[4])
@@ -224,6 +249,8 @@ def _party_work(mode: str, rank: int, folder: Path, precision_bits: int, timeout
         chains(rank, folder, precision_bits)
     elif mode == "pooling":
         pooling(rank, folder, precision_bits)
+    elif mode == "openings":
+        openings(rank, folder, precision_bits)
     elif mode == "signs-stalled":
         if rank == 1:
             time.sleep(timeout_s + 5)

@@ -279,3 +279,38 @@ def test_a_rerun_reuses_the_encryption(tmp_path: Path) -> None:
     again = owner.train_job(longer)
     assert (again.order_seed, again.settings_hash) == (job.order_seed, job.settings_hash)
     assert again.epochs == 9  # more epochs is a resume, not a new run
+
+
+# ------------------------------------------------ what a party learns from two-party openings
+
+
+def _bit_frequencies(words: np.ndarray) -> np.ndarray:
+    """How often each of the 64 bits is set."""
+    bits = np.unpackbits(words.astype("<i8").view(np.uint8).reshape(-1, 8), axis=1)
+    return np.asarray(bits.mean(axis=0))
+
+
+@pytest.mark.slow
+def test_a_party_learns_only_uniform_words_from_the_openings(tmp_path: Path) -> None:
+    # The attack: party 1 records every value opened to it while the parties compare, multiply
+    # and exponentiate a secret that is the same number everywhere. Masked by fresh triples, the
+    # opened words are uniform and never repeat; a reused or missing mask would repeat the
+    # secret's structure (equal words, bits stuck at the constant's).
+    from test_mpc import PARTY_TIMEOUT_S, PRECISION_BITS, _report, _run
+    from veiltrain import sharing
+
+    secret = np.full(4096, np.rint(1.5 * 2.0**PRECISION_BITS), dtype=np.int64)
+    for rank, share in enumerate(sharing.split_full(secret, 2)):
+        np.savez(tmp_path / f"in_{rank}.npz", a=share)
+    finished, _ = _run([0, 1, 2], 2, tmp_path, PARTY_TIMEOUT_S, 120, mode="openings")
+    assert all(f.returncode == 0 for f in finished), _report(finished)
+    seen = np.load(tmp_path / "out_1.npz")
+    for kind in ("words", "binary"):
+        words = seen[kind]
+        assert len(words) > 10_000, kind
+        assert len(np.unique(words)) == len(words), f"{kind}: an opened word repeats"
+        spread = 5 * 0.5 / np.sqrt(len(words))  # five standard deviations of a fair bit
+        assert np.all(np.abs(_bit_frequencies(words) - 0.5) < spread), kind
+    bits = seen["bits"]  # B2A: one masked bit a value
+    assert set(np.unique(bits)) == {0, 1}
+    assert abs(bits.mean() - 0.5) < 5 * 0.5 / np.sqrt(len(bits))
