@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -20,5 +22,50 @@ def test_matmul_wraps_exactly_as_torch(left: tuple[int, ...], right: tuple[int, 
 
 
 def test_other_products_are_torchs_own() -> None:
-    assert ringmath.product("conv2d") is torch.conv2d
+    assert ringmath.product("conv2d") is ringmath.conv2d
+    assert ringmath.product("conv_transpose2d") is ringmath.conv_transpose2d
     assert ringmath.product("matmul") is ringmath.matmul
+    assert ringmath.product("mul") is torch.mul and ringmath.product("conv1d") is torch.conv1d
+
+
+def _words(*shape: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(-(2**63), 2**63 - 1, shape, dtype=torch.int64, generator=gen)
+
+
+# (input C, H, W), (C_out, kh, kw), stride, padding, dilation: small maps take the patches
+# product, the last two (8x8 and more positions) torch's own.
+CONVS = [
+    ((64, 1, 1), (32, 3, 3), 1, 1, 1),
+    ((16, 2, 3), (8, 3, 3), 1, 1, 1),
+    ((16, 4, 4), (8, 3, 3), 2, 1, 1),
+    ((8, 5, 5), (4, 3, 3), 2, 0, 1),
+    ((8, 5, 4), (4, 2, 3), (1, 2), (0, 1), (2, 1)),
+    ((16, 2, 2), (8, 1, 1), 1, 0, 1),
+    ((4, 8, 8), (4, 3, 3), 1, 1, 1),
+    ((3, 10, 9), (4, 3, 3), 1, 1, 1),
+]
+
+
+@pytest.mark.parametrize(("image", "kernel", "stride", "padding", "dilation"), CONVS)
+def test_convolutions_wrap_exactly_as_torch(
+    image: tuple[int, int, int],
+    kernel: tuple[int, int, int],
+    stride: Any,
+    padding: Any,
+    dilation: Any,
+) -> None:
+    x = _words(3, *image, seed=1)
+    w = _words(kernel[0], image[0], *kernel[1:], seed=2)
+    out = torch.conv2d(x, w, None, stride, padding, dilation)
+    assert torch.equal(ringmath.conv2d(x, w, None, stride, padding, dilation), out)
+    # The input gradient's shape: conv_transpose2d back to the image, with output padding.
+    g = _words(*out.shape, seed=3)
+    wt = _words(kernel[0], image[0], *kernel[1:], seed=4)
+    for extra in (0, 1):
+        args = (None, stride, padding, extra, 1, dilation)
+        try:
+            expected = torch.conv_transpose2d(g, wt, *args)
+        except RuntimeError:  # output padding must be smaller than stride or dilation
+            continue
+        assert torch.equal(ringmath.conv_transpose2d(g, wt, *args), expected), extra
