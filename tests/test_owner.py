@@ -311,9 +311,20 @@ def test_fused_record_encoding_refuses_what_encode_refuses() -> None:
     identity = data.Standardizer.identity((1,))
     with pytest.raises(ConfigError, match="1 value.s. are NaN"):
         owner.encode_records(x, y, identity, 2, 16)
-    too_big = r"1 of 6 value.s. are outside .* largest magnitude is 1e\+20"
+    too_big = r"1 of 2 value.s. are outside .* largest magnitude is 1e\+20"
     with pytest.raises(ConfigError, match=too_big):
         owner.encode_records(np.array([[1.0], [1e20]]), y, identity, 2, 16)
+    edge = 2.0**24 - 0.5  # rounds to 2^24 words: refused before rounding as encode refuses after
+    for value in (edge, -edge):
+        with pytest.raises(ConfigError, match="outside the safe"):
+            sharing.encode(np.array([value / 2**16]), 16)
+        with pytest.raises(ConfigError, match="outside the safe"):
+            owner.encode_records(np.array([[value / 2**16]]), y[:1], identity, 2, 16)
+    inside = 2.0**24 - 0.75
+    assert (
+        owner.encode_records(np.array([[inside / 2**16]]), y[:1], identity, 2, 16)[0, 0]
+        == inside + 0.75 - 1
+    )
 
 
 def test_a_failed_shard_write_surfaces_and_publishes_nothing(

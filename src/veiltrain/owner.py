@@ -170,17 +170,18 @@ def encode_records(
     """One fixed-point row per sample: standardised features, then the one-hot label.
 
     The same words as sharing.encode of the standardised features joined to data.one_hot(y),
-    in one float64 buffer with the passes fused (tests/test_owner.py compares them): dividing by
-    scale * 2^-bits is dividing by scale and then scaling by 2^bits exactly, in one rounding.
+    with the passes fused (tests/test_owner.py compares them): dividing by scale * 2^-bits is
+    dividing by scale and then scaling by 2^bits exactly, in one rounding; the range is checked
+    before rounding (sharing.check_scaled), and rint writes the words straight into the rows.
     """
     rows, features = len(x), scaler.mean.size
-    out = np.zeros((rows, features + classes))
-    values = out[:, :features]
-    np.subtract(x.reshape(rows, -1), scaler.mean.reshape(-1), out=values)
+    values = np.subtract(x.reshape(rows, -1), scaler.mean.reshape(-1), dtype=np.float64)
     np.divide(values, np.ldexp(scaler.scale.reshape(-1), -precision_bits), out=values)
-    np.rint(values, out=values)
-    out[np.arange(rows), features + y] = math.ldexp(1.0, precision_bits)
-    return sharing.to_fixed_point(out, precision_bits)
+    sharing.check_scaled(values, precision_bits)
+    out = np.zeros((rows, features + classes), dtype=np.int64)
+    np.rint(values, out=out[:, :features], casting="unsafe")
+    out[np.arange(rows), features + y] = 1 << precision_bits
+    return out
 
 
 def training_split(cfg: RunConfig) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:

@@ -138,19 +138,25 @@ def encode(
 
 
 def to_fixed_point(scaled: Float64Array, precision_bits: int) -> Int64Array:
-    """Already scaled and rounded float64 values as int64 words, refusing unsafe values.
+    """Already scaled and rounded float64 values as int64 words, refusing unsafe values."""
+    check_scaled(scaled, precision_bits)
+    return scaled.astype(np.int64)
 
-    For callers that fuse the scaling into their own passes (the owner's record encoder);
-    `encode` is this after round(x * 2^precision_bits).
+
+def check_scaled(scaled: Float64Array, precision_bits: int) -> None:
+    """Refuse scaled values (x * 2^precision_bits) that are not finite or not safely in range.
+
+    Rounded or not: v rounds to a word of magnitude MAX_ENCODED_ABS or more exactly when |v| >=
+    MAX_ENCODED_ABS - 1/2 (round half to even, and MAX_ENCODED_ABS is even), so the owner's
+    record encoder checks before it rounds and `encode` after, with the same outcome.
     """
     if scaled.size == 0:
-        return scaled.astype(np.int64)
+        return
     lo, hi = float(scaled.min()), float(scaled.max())  # NaN propagates into both
     if not (math.isfinite(lo) and math.isfinite(hi)):
         _refuse_non_finite(scaled)
-    if hi >= MAX_ENCODED_ABS or -lo >= MAX_ENCODED_ABS:
+    if hi >= MAX_ENCODED_ABS - 0.5 or -lo >= MAX_ENCODED_ABS - 0.5:
         _refuse_out_of_range(scaled, precision_bits)
-    return scaled.astype(np.int64)
 
 
 def decode(
