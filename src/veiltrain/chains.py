@@ -12,6 +12,7 @@ products in one opening, then one, so 2 rounds a step instead of 3.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -83,10 +84,29 @@ class Chain:
     def _finish(
         self, c: torch.Tensor, row: int, epsilon: torch.Tensor, delta: torch.Tensor
     ) -> torch.Tensor:
-        # eps * delta is public and added once: party 0 folds it into eps * (b + delta).
-        b = self._b[row] + delta if self._rank == 0 else self._b[row]
-        z = c[row] + epsilon * b + self._a[row] * delta
+        z = finish_product(c[row].clone(), self._a[row], self._b[row], epsilon, delta, self._rank)
         return z.div_(self._scale, rounding_mode="trunc")  # CrypTen's two-party truncation
+
+
+def finish_product(  # noqa: PLR0917 (the triple, the openings, the rank: all needed)
+    c: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    epsilon: torch.Tensor,
+    delta: torch.Tensor,
+    rank: int,
+    product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = torch.mul,
+) -> torch.Tensor:
+    """This party's share of x y from the triple (a, b, c) and the openings eps = x - a,
+    delta = y - b: c + eps (b + delta) + a delta, accumulated into c in place.
+
+    x y = c + eps b + a delta + eps delta; the public eps delta must be counted once, so party 0
+    folds it into eps (b + delta): two local products instead of CrypTen's three.
+    """
+    right = b + delta if rank == 0 else b
+    c += product(epsilon, right)
+    c += product(a, delta)
+    return c
 
 
 class Shares:

@@ -102,10 +102,9 @@ def _beaver(op: str, x: Any, y: Any, *args: Any, **kwargs: Any) -> Any:
             [ArithmeticSharedTensor.from_shares(m, precision=0) for m in masked]
         )
     product = ringmath.product(op)
-    # eps * delta is public and added once: party 0 folds it into eps * (b + delta).
-    right = b + delta if comm.get().get_rank() == 0 else b
-    c += product(epsilon, right, *args, **kwargs)
-    c += product(a, delta, *args, **kwargs)
+    c = chains.finish_product(
+        c, a, b, epsilon, delta, comm.get().get_rank(), lambda u, v: product(u, v, *args, **kwargs)
+    )
     return ArithmeticSharedTensor.from_shares(c, precision=0)
 
 
