@@ -331,6 +331,9 @@ def fidelity(run: dict[str, Any]) -> dict[str, Any]:
         "max_loss_gap": round(rep["max_loss_gap"], 4),
         # plaintext against itself from the fixed-point-rounded weights: training's own spread
         "plaintext_rounding_gap": round(rep["plaintext_rounding_gap"], 4),
+        "plaintext_rounding_accuracy_gap": round(
+            rep["plaintext_test_accuracy"] - rep["plaintext_rounded_test_accuracy"], 4
+        ),
         "accuracy_gap": round(rep["accuracy_gap"], 4),
         "test_accuracy": round(rep["test_accuracy"], 4),
         "plaintext_test_accuracy": round(rep["plaintext_test_accuracy"], 4),
@@ -490,9 +493,10 @@ def markdown(summary: dict[str, Any]) -> str:
         lines += _train_rows(name, t)
     for name, f in summary["fidelity"].items():
         lines.append(
-            f"| fidelity, {name} ({f['steps']} steps): max loss gap / accuracy gap / "
-            "plaintext vs itself from rounded weights "
-            f"| {f['max_loss_gap']} / {f['accuracy_gap']} / {f['plaintext_rounding_gap']} |"
+            f"| fidelity, {name} ({f['steps']} steps, {f['test_samples']} test samples): max loss "
+            "gap / accuracy gap; plaintext vs itself from rounded weights: the same two "
+            f"| {f['max_loss_gap']} / {f['accuracy_gap']}; {f['plaintext_rounding_gap']} / "
+            f"{f['plaintext_rounding_accuracy_gap']} |"
         )
     lines += _scaling_rows(summary) if "scaling" in summary else []
     lines += ["", "| goal | target | measured | met |", "|---|---|---|---|"]

@@ -74,6 +74,7 @@ def test_decrypted_losses_track_the_plaintext_shadow(
     assert len(rounded) == len(plain) and np.any(rounded != plain)
     assert np.max(np.abs(rounded - plain)) == pytest.approx(report["plaintext_rounding_gap"])
     assert report["plaintext_rounding_gap"] < 0.01
+    assert abs(report["plaintext_rounded_test_accuracy"] - report["plaintext_test_accuracy"]) < 0.05
 
 
 def _int64_words(loc: Location, name: str) -> np.ndarray[Any, Any]:

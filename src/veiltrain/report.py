@@ -239,7 +239,7 @@ def build_report(cfg: RunConfig, stage_seconds: dict[str, float]) -> dict[str, A
     # The same plaintext training from the fixed-point-rounded weights: how far training's own
     # sensitivity moves the curve (a deep net with BatchNorm on small batches moves a lot; a
     # ResNet18 on digits by 0.3-0.8 within 8 steps), so a gap can be read against it.
-    _, rounded = shadow_training(cfg, order_seed, rec.epochs, rollbacks, rounded=True)
+    rounded_shadow, rounded = shadow_training(cfg, order_seed, rec.epochs, rollbacks, rounded=True)
     acc, plain_acc = accuracy(model, test["x"], test["y"]), accuracy(shadow, test["x"], test["y"])
     report = {
         **_settings(cfg),
@@ -250,6 +250,7 @@ def build_report(cfg: RunConfig, stage_seconds: dict[str, float]) -> dict[str, A
         "max_loss_gap": largest_gap(rec.losses, plain),
         "plaintext_rounded_losses": rounded,
         "plaintext_rounding_gap": largest_gap(rounded, plain),
+        "plaintext_rounded_test_accuracy": accuracy(rounded_shadow, test["x"], test["y"]),
         "test_accuracy": acc,
         "plaintext_test_accuracy": plain_acc,
         "accuracy_gap": plain_acc - acc,
