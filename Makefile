@@ -58,7 +58,8 @@ unit: venv
 
 test: lint typecheck unit
 
-# BENCH_MODELS=small-cnn,resnet-style adds the ResNet-style CNN (about 4 more minutes on 2 cores).
+# BENCH_MODELS=small-cnn,resnet-style adds the ResNet-style CNN (1-4 more minutes on 2 cores);
+# resnet18 adds 8-17 minutes, most of them stock CrypTen's.
 BENCH_MODELS ?= small-cnn
 
 bench: venv
