@@ -21,7 +21,7 @@
   the exchange (veiltrain.chains, veiltrain.protocol).
 - exp and the inverse square root (BatchNorm's): CrypTen's approximations as chains of products
   whose triples come in one dealer request (veiltrain.chains).
-- Max pooling as a tournament (veiltrain.pooling): k - 1 comparisons a window of k, not 4k.
+- Max pooling as a tournament (veiltrain.pooling): k - 1 comparisons a window of k, not k^2.
 - BatchNorm gradients with 3 full-size products instead of 6; no input gradient for a conv whose
   input needs none; CrypTen's attribute-validation hook off (see `install`).
 - BatchNorm's running variance is the unbiased one, as in torch: CrypTen's `var(unbiased=True)`

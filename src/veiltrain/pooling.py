@@ -1,4 +1,4 @@
-"""Max pooling on shares as a tournament: k - 1 comparisons a window where CrypTen makes 4k.
+"""Max pooling on shares as a tournament: k - 1 comparisons a window of k where CrypTen makes k^2.
 
 CrypTen's `max_pool2d` takes each window's one-hot argmax pairwise: every value against every
 other (k(k-1) comparisons), then a random tie-break (k more comparisons and a random draw). For

@@ -115,7 +115,7 @@ def _refuse_non_finite(scaled: Float64Array) -> None:
 
 
 def _refuse_out_of_range(scaled: Float64Array, precision_bits: int) -> None:
-    bad = np.abs(scaled) >= MAX_ENCODED_ABS
+    bad = np.abs(scaled) >= MAX_ENCODED_ABS - 0.5  # check_scaled's bound, rounded or not
     limit = math.ldexp(1.0, MAX_ENCODED_BITS - precision_bits)
     largest = math.ldexp(float(np.max(np.abs(scaled))), -precision_bits)
     raise ConfigError(
@@ -424,7 +424,8 @@ class StreamSplitter:
     def share0(self, encoded: npt.ArrayLike | torch.Tensor, in_place: bool = False) -> Int64Array:
         """Party 0's share of the next chunk (any shape; the stream continues where it was).
 
-        `in_place` masks a contiguous int64 `encoded` where it lies (the caller's copy is gone).
+        `in_place` masks a writeable contiguous int64 `encoded` where it lies: the caller's array
+        becomes the share (anything else is copied first, as without it).
         """
         arr = _as_int64(encoded, "split")
         if self.words + arr.size > MAX_STREAM_WORDS:
