@@ -300,7 +300,7 @@ def sgd_step(
         flat = crypten.cat([p.grad.flatten() for p in params])
         if block is None:
             block = 1 if flat.numel() <= ELEMENTWISE_GUARD_MAX else GUARD_BLOCK
-        flat = flat.mul(_keep_mask(flat, grad_threshold, block))
+        flat = _guarded(flat, grad_threshold, block)
         start = 0
         for p in params:
             size = p.grad.numel()
@@ -308,24 +308,31 @@ def sgd_step(
             start += size
 
 
-def _keep_mask(flat: Any, threshold: float, block: int) -> Any:
-    """1 where a gradient (or its block's sum) lies strictly inside +-threshold, else 0."""
+def _guarded(flat: Any, threshold: float, block: int) -> Any:
+    """The gradients with every one (or every block of `block`) outside +-threshold zeroed."""
     # A rare wrap-around in share arithmetic yields a huge value; dropping it keeps training
-    # stable (CrypTen issue #347). Both bounds in one batched comparison: inside, both bits
-    # are 1; beyond either bound exactly one is, so their sum minus 1 is the keep-mask with no
-    # extra multiplication round. (A square test passes values whose square wraps to small.)
-    count = flat.numel()
-    sums = flat if block == 1 else _block_sums(flat, block)
-    bits = crypten.cat([sums.neg(), sums]).lt(threshold * block)
-    keep = bits[: sums.numel()] + bits[sums.numel() :] - 1
+    # stable (CrypTen issue #347). A wrap is about 2^32 in value, far past any legitimate block
+    # sum, so above ELEMENTWISE_GUARD_MAX parameters blocks are guarded by their sums.
     if block == 1:
-        return keep
-    return keep.unsqueeze(1).expand(sums.numel(), block).reshape(-1)[:count]
+        return flat.mul(_inside(flat, threshold))
+    count = flat.numel()
+    blocks = _padded(flat, block).reshape(-1, block)
+    keep = _inside(blocks.sum(dim=1), threshold * block)
+    # One keep bit a block, broadcast in the Beaver product: the triple's factor for the bits and
+    # their opening are one word a block, not one a gradient (ResNet18: 11k words, not 11M).
+    return blocks.mul(keep.unsqueeze(1)).reshape(-1)[:count]
 
 
-def _block_sums(flat: Any, block: int) -> Any:
-    """Sums of consecutive runs of `block` values (the last run padded with zeros): local."""
+def _inside(values: Any, bound: float) -> Any:
+    """1 where a value lies strictly inside +-bound, else 0 (0/1 at scale 1)."""
+    # Both bounds in one batched comparison: inside, both bits are 1; beyond either bound exactly
+    # one is, so their sum minus 1 is the mask with no extra multiplication round. (A square
+    # test passes values whose square wraps to small.)
+    bits = crypten.cat([values.neg(), values]).lt(bound)
+    return bits[: values.numel()] + bits[values.numel() :] - 1
+
+
+def _padded(flat: Any, block: int) -> Any:
+    """flat with shares of 0 appended up to a multiple of `block` (local, no message)."""
     pad = -flat.numel() % block
-    if pad:
-        flat = crypten.cat([flat, flat[:1].mul(0).expand(pad)])  # shares of 0, no message
-    return flat.reshape(-1, block).sum(dim=1)
+    return crypten.cat([flat, flat[:1].mul(0).expand(pad)]) if pad else flat

@@ -77,7 +77,7 @@ def _match(left: Candidate, right: Candidate, win: Any) -> Candidate:
     parts += [hot for hot in (left_hot, right_hot) if hot is not None]
     joined = crypten.cat(parts, dim=-1)
     bit = win.unsqueeze(-1)
-    selected = bit.expand(*joined.size()) * joined
+    selected = bit * joined  # broadcast: the bit's triple factor and opening stay one word
     value = right_value + selected[..., 0]
     hots = selected[..., 1:]
     hots.encoder = win.encoder  # the slice kept the value's scale; its words are 0/1 at scale 1
