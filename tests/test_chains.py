@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,20 +17,29 @@ def test_the_chains_budget_their_triples() -> None:
     assert chains.inv_sqrt_count(8, 6) == 8 + 18  # the guess's exp, 3 products a Newton step
 
 
+def _encoded(values: np.ndarray) -> np.ndarray:
+    return np.rint(values * 2.0**PRECISION_BITS).astype(np.int64)
+
+
+def _parties(tmp_path: Path, mode: str, **encoded: np.ndarray) -> Callable[[str], np.ndarray]:
+    """Two parties and the dealer run `mode` on shares of `encoded`; the words of each output."""
+    shares = {name: sharing.split_full(words, 2) for name, words in encoded.items()}
+    for rank in range(2):
+        np.savez(tmp_path / f"in_{rank}.npz", **{k: v[rank] for k, v in shares.items()})
+    finished, _ = _run([0, 1, 2], 2, tmp_path, PARTY_TIMEOUT_S, 120, mode=mode)
+    assert all(f.returncode == 0 for f in finished), _report(finished)
+    out = [np.load(tmp_path / f"out_{rank}.npz") for rank in range(2)]
+    return lambda key: sharing.reconstruct([o[key] for o in out])
+
+
 @pytest.mark.slow
 def test_parties_compute_exp_and_inv_sqrt_as_crypten_does(tmp_path: Path) -> None:
     exponents = np.linspace(-12.0, 2.0, 60).reshape(6, 10)  # softmax's range and a little more
     variances = np.logspace(-2, 2, 60).reshape(6, 10)  # BatchNorm's
-    encoded = [np.rint(v * 2.0**PRECISION_BITS).astype(np.int64) for v in (exponents, variances)]
-    shares = [sharing.split_full(e, 2) for e in encoded]
-    for rank in range(2):
-        np.savez(tmp_path / f"in_{rank}.npz", a=shares[0][rank], b=shares[1][rank])
-    finished, _ = _run([0, 1, 2], 2, tmp_path, PARTY_TIMEOUT_S, 120, mode="chains")
-    assert all(f.returncode == 0 for f in finished), _report(finished)
-    out = [np.load(tmp_path / f"out_{rank}.npz") for rank in range(2)]
+    words = _parties(tmp_path, "chains", a=_encoded(exponents), b=_encoded(variances))
 
     def value(key: str) -> np.ndarray:
-        return sharing.decode(sharing.reconstruct([o[key] for o in out]), PRECISION_BITS)
+        return sharing.decode(words(key), PRECISION_BITS)
 
     # Relative to max(1, e^x): below 1 the fixed point's 2^-16 steps are what is left.
     scale = np.maximum(np.exp(exponents), 1.0)
@@ -49,16 +59,8 @@ def test_parties_max_pool_by_tournament_as_crypten_does(tmp_path: Path) -> None:
     x = rng.standard_normal((2, 3, 8, 8))
     x[0, 0, :2, :2] = 0.25  # one tied window
     g = rng.standard_normal((2, 3, 4, 4))
-    encoded = [np.rint(v * 2.0**PRECISION_BITS).astype(np.int64) for v in (x, g)]
-    shares = [sharing.split_full(e, 2) for e in encoded]
-    for rank in range(2):
-        np.savez(tmp_path / f"in_{rank}.npz", a=shares[0][rank], g=shares[1][rank])
-    finished, _ = _run([0, 1, 2], 2, tmp_path, PARTY_TIMEOUT_S, 120, mode="pooling")
-    assert all(f.returncode == 0 for f in finished), _report(finished)
-    out = [np.load(tmp_path / f"out_{rank}.npz") for rank in range(2)]
-
-    def words(key: str) -> np.ndarray:
-        return sharing.reconstruct([o[key] for o in out])
+    encoded = [_encoded(x), _encoded(g)]
+    words = _parties(tmp_path, "pooling", a=encoded[0], g=encoded[1])
 
     windows = encoded[0].reshape(2, 3, 4, 2, 4, 2).transpose(0, 1, 2, 4, 3, 5)
     assert np.array_equal(words("out"), windows.max((-2, -1)))  # exact: selection only
