@@ -182,7 +182,7 @@ def pooling(rank: int, folder: Path, precision_bits: int) -> None:
 
 def openings(rank: int, folder: Path, precision_bits: int) -> None:
     """Everything this party learns from the other in two-party openings, while it computes
-    relu(a), a * a and exp(a): the opened words (its own masked words are its own)."""
+    relu(a), a * a and exp(a / 10): the opened words (its own masked words are its own)."""
     from veiltrain import chains, mpc
 
     seen: dict[str, list[np.ndarray]] = {"words": [], "binary": [], "bits": []}
