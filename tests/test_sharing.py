@@ -131,7 +131,8 @@ def test_an_in_place_share_masks_the_callers_array() -> None:
     assert np.array_equal(share0, sharing.StreamSplitter(2, [b"k" * 32]).share0(e))
     readonly = e.copy()
     readonly.flags.writeable = False  # refused quietly: a copy is masked instead
-    assert np.array_equal(sharing.StreamSplitter(2, [b"k" * 32]).share0(readonly), share0)
+    masked = sharing.StreamSplitter(2, [b"k" * 32]).share0(readonly, in_place=True)
+    assert np.array_equal(masked, share0) and np.array_equal(readonly, e)
 
 
 def test_torch_tensors_in_and_out() -> None:

@@ -134,12 +134,7 @@ def encode(
     xf = _as_float64(x)
     # float64 scaling by a power of two is exact, so rounding is the only error (<= 2^-(f+1)).
     scaled = np.asarray(np.ldexp(xf, precision_bits))  # 0-d input: ldexp gives a scalar
-    return to_fixed_point(np.rint(scaled, out=scaled), precision_bits)
-
-
-def to_fixed_point(scaled: Float64Array, precision_bits: int) -> Int64Array:
-    """Already scaled and rounded float64 values as int64 words, refusing unsafe values."""
-    check_scaled(scaled, precision_bits)
+    check_scaled(np.rint(scaled, out=scaled), precision_bits)
     return scaled.astype(np.int64)
 
 
