@@ -183,7 +183,7 @@ def pooling(rank: int, folder: Path, precision_bits: int) -> None:
 def openings(rank: int, folder: Path, precision_bits: int) -> None:
     """Everything this party learns from the other in two-party openings, while it computes
     relu(a), a * a and exp(a / 10): the opened words (its own masked words are its own)."""
-    from veiltrain import chains, mpc
+    from veiltrain import chains, mpc, peerlink
 
     seen: dict[str, list[np.ndarray]] = {"words": [], "binary": [], "bits": []}
     original = chains.open_masked
@@ -202,7 +202,10 @@ def openings(rank: int, folder: Path, precision_bits: int) -> None:
         a.relu(), a * a, (a * 0.1).exp()
     finally:
         chains.open_masked = original
-    np.savez(folder / f"out_{rank}.npz", **{k: np.concatenate(v) for k, v in seen.items()})
+    linked = np.array(peerlink.current() is not None)  # the openings went over the parties' link
+    np.savez(
+        folder / f"out_{rank}.npz", linked=linked, **{k: np.concatenate(v) for k, v in seen.items()}
+    )
 
 
 def main(argv: list[str]) -> int:

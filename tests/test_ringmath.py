@@ -69,3 +69,17 @@ def test_convolutions_wrap_exactly_as_torch(
         except RuntimeError:  # output padding must be smaller than stride or dilation
             continue
         assert torch.equal(ringmath.conv_transpose2d(g, wt, *args), expected), extra
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [((64, 8, 16, 16),) * 2, ((8, 1, 1), (64, 8, 16, 16)), ((), (3,)), ((1, 5), (4, 1))],
+)
+def test_broadcast_shape_is_torchs(a: tuple[int, ...], b: tuple[int, ...]) -> None:
+    expected = torch.broadcast_shapes(a, b)  # type: ignore[no-untyped-call]
+    assert ringmath.broadcast_shape(a, b) == expected == ringmath.broadcast_shape(b, a)
+
+
+def test_shapes_that_do_not_broadcast_are_refused_as_torch_does() -> None:
+    with pytest.raises(RuntimeError, match="do not broadcast"):
+        ringmath.broadcast_shape((4, 3), (2, 3))

@@ -305,6 +305,7 @@ def test_a_party_learns_only_uniform_words_from_the_openings(tmp_path: Path) -> 
     finished, _ = _run([0, 1, 2], 2, tmp_path, PARTY_TIMEOUT_S, 120, mode="openings")
     assert all(f.returncode == 0 for f in finished), _report(finished)
     seen = np.load(tmp_path / "out_1.npz")
+    assert seen["linked"]  # what crossed the parties' own link (veiltrain.peerlink)
     for kind in ("words", "binary"):
         words = seen[kind]
         assert len(words) > 10_000, kind

@@ -22,6 +22,7 @@
 - exp and the inverse square root (BatchNorm's): CrypTen's approximations as chains of products
   whose triples come in one dealer request (veiltrain.chains).
 - Max pooling as a tournament (veiltrain.pooling): k - 1 comparisons a window of k, not k^2.
+- Shallow copies and clones without the empty sharing CrypTen builds and drops (`_wrapped`).
 - BatchNorm gradients with 3 full-size products instead of 6; no input gradient for a conv whose
   input needs none; CrypTen's attribute-validation hook off (see `install`).
 - BatchNorm's running variance is the unbiased one, as in torch: CrypTen's `var(unbiased=True)`
@@ -344,12 +345,34 @@ class _PlaneGates:
 
 def _broadcast(share: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     """A view of `share` at the shape it broadcasts to against `other` (no copy)."""
-    shape = torch.broadcast_shapes(share.shape, other.shape)  # type: ignore[no-untyped-call]
-    return share.expand(shape)
+    return share.expand(ringmath.broadcast_shape(share.shape, other.shape))
 
 
 def _broadcast_copy(share: torch.Tensor, y: Any) -> torch.Tensor:
     return share.clone() if isinstance(y, int) else _broadcast(share, y).clone()
+
+
+def _wrapped(share: Any, ptype: Any) -> Any:
+    """An MPCTensor around an existing sharing. CrypTen's `MPCTensor([])` means to skip the
+    sharing, but its `tensor is []` test is never true, so every shallow copy and clone (each
+    binary operator makes one) built and dropped a sharing of an empty tensor: an encoder and
+    two random draws, 119 us of a 340 us addition."""
+    from crypten.cryptensor import CrypTensor
+    from crypten.mpc import MPCTensor
+
+    result = object.__new__(MPCTensor)
+    CrypTensor.__init__(result)
+    result._tensor = share
+    result.ptype = ptype
+    return result
+
+
+def _shallow_copy(self: Any) -> Any:
+    return _wrapped(self._tensor, self.ptype)
+
+
+def _clone(self: Any) -> Any:
+    return _wrapped(self._tensor.clone(), self.ptype)
 
 
 def install() -> None:
@@ -372,6 +395,8 @@ def install() -> None:
         getattribute=CrypTensor.__getattribute__,
         batchnorm_backward=AutogradBatchNorm.backward,
         batchnorm_forward=AutogradBatchNorm.forward,
+        shallow_copy=MPCTensor.shallow_copy,
+        clone=MPCTensor.clone,
     )
     BinarySharedTensor.__xor__ = _xor
     BinarySharedTensor.__and__ = _and
@@ -380,6 +405,8 @@ def install() -> None:
     AutogradBatchNorm.backward = staticmethod(_batchnorm_backward)
     AutogradBatchNorm.forward = staticmethod(_batchnorm_forward)
     MPCTensor._ltz = _ltz
+    MPCTensor.shallow_copy = _shallow_copy
+    MPCTensor.clone = _clone
     beaver.B2A_single_bit = _b2a_single_bit
     # CrypTen's debug hook reads cfg.debug.validation_mode (two omegaconf look-ups) on every
     # attribute access of every encrypted tensor: 14,000 per ResNet-style step. Validation
@@ -408,6 +435,8 @@ def uninstall() -> None:
     AutogradBatchNorm.backward = staticmethod(_ORIGINAL.pop("batchnorm_backward"))
     AutogradBatchNorm.forward = staticmethod(_ORIGINAL.pop("batchnorm_forward"))
     MPCTensor._ltz = _ORIGINAL.pop("ltz")
+    MPCTensor.shallow_copy = _ORIGINAL.pop("shallow_copy")
+    MPCTensor.clone = _ORIGINAL.pop("clone")
     beaver.B2A_single_bit = _ORIGINAL.pop("b2a")
     CrypTensor.__getattribute__ = _ORIGINAL.pop("getattribute")
     del MPCTensor.exp, MPCTensor.inv_sqrt, MPCTensor.max_pool2d

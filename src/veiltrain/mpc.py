@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from veiltrain import compat, fastpath, protocol
+from veiltrain import compat, fastpath, peerlink, protocol
 from veiltrain.errors import ConfigError, InsecureSetupError, PartyError, VeiltrainError
 
 compat.apply()
@@ -122,10 +122,12 @@ def session(spec: PartySpec) -> Iterator[None]:
                 return
             crypten.init(device=spec.device if spec.device != "cpu" else None)
             try:
+                _link_parties(spec)
                 yield
             finally:
+                peerlink.disconnect()
                 crypten.uninit()
-    except (RuntimeError, ValueError) as exc:
+    except (RuntimeError, ValueError, OSError) as exc:
         if isinstance(exc, VeiltrainError):
             raise  # already names the problem; only CrypTen's and torch's errors are translated
         raise PartyError(
@@ -133,6 +135,14 @@ def session(spec: PartySpec) -> Iterator[None]:
             f"{spec.timeout_s:.0f} s ({type(exc).__name__}: {str(exc)[:300]}); check that every "
             f"party 0..{spec.world_size - 1} and the dealer started and reach {spec.rendezvous}"
         ) from exc
+
+
+def _link_parties(spec: PartySpec) -> None:
+    """Two parties on the CPU open masked values over their own link (veiltrain.peerlink)."""
+    if spec.world_size == 2 and spec.device == "cpu":
+        import crypten.communicator as comm
+
+        peerlink.connect(spec.rank, spec.rendezvous, spec.timeout_s, comm.get().main_group)
 
 
 _OPENING_MODULES = frozenset(

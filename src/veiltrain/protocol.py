@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from veiltrain import ringmath
 from veiltrain.errors import PartyError
 
 KEY_BYTES = 32
@@ -280,7 +281,7 @@ def result_size(function: str, args: Sequence[Any], kwargs: dict[str, Any]) -> t
 
 
 def _broadcast(a: tuple[int, ...], b: tuple[int, ...]) -> torch.Size:
-    return torch.Size(torch.broadcast_shapes(a, b))  # type: ignore[no-untyped-call]
+    return ringmath.broadcast_shape(a, b)
 
 
 def _product_size(
