@@ -13,12 +13,22 @@ SHAPES = [((16, 512), (512, 144)), ((3, 5), (5, 7)), ((2, 4, 64), (64, 80)), ((6
 
 
 @pytest.mark.parametrize(("left", "right"), SHAPES)
-def test_matmul_wraps_exactly_as_torch(left: tuple[int, ...], right: tuple[int, ...]) -> None:
+def test_matmul_wraps_exactly_as_torch(
+    left: tuple[int, ...], right: tuple[int, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
     gen = torch.Generator().manual_seed(len(left) * 100 + left[-1])
     x = torch.randint(-(2**63), 2**63 - 1, left, dtype=torch.int64, generator=gen)
     y = torch.randint(-(2**63), 2**63 - 1, right, dtype=torch.int64, generator=gen)
-    assert torch.equal(ringmath.matmul(x, y), torch.matmul(x, y))
-    assert torch.equal(ringmath.matmul(x, y.t().contiguous().t()), torch.matmul(x, y))
+    for column_major in (True, False):  # whichever layout this CPU's timing picks
+        monkeypatch.setattr(ringmath, "_column_major_wins", lambda c=column_major: c)
+        assert torch.equal(ringmath.matmul(x, y), torch.matmul(x, y))
+        assert torch.equal(ringmath.matmul(x, y.t().contiguous().t()), torch.matmul(x, y))
+
+
+def test_the_layout_is_timed_once_a_process() -> None:
+    first = ringmath._column_major_wins()
+    assert ringmath._column_major_wins() is first
+    assert ringmath._column_major_wins.cache_info().misses == 1
 
 
 def test_other_products_are_torchs_own() -> None:

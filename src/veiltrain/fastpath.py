@@ -243,9 +243,10 @@ def _kernel_grad(
             for j in range(kw)
         ]
     )  # (kh*kw, N, C_in, oh, ow): local slicing of each party's share
-    columns = patches.permute(2, 0, 1, 3, 4).reshape(in_channels * kh * kw, n * oh * ow)
+    # (N oh ow, C_in kh kw), row-major: the layout the product reads it in (ringmath.matmul)
+    taps = patches.permute(1, 3, 4, 2, 0).reshape(n * oh * ow, in_channels * kh * kw)
     rows = grad_output.permute(1, 0, 2, 3).reshape(out_channels, n * oh * ow)
-    return rows.matmul(columns.t()).reshape(out_channels, in_channels, kh, kw)
+    return rows.matmul(taps).reshape(out_channels, in_channels, kh, kw)
 
 
 def _ltz(self: Any) -> Any:

@@ -1,11 +1,15 @@
 """Products in the ring Z/2^64 (int64 tensors) in the layout torch computes fastest.
 
-torch has no BLAS for int64 and its matmul kernel reads the right operand down its columns:
-a (16 x 4096) @ (4096 x 144) product took 51 ms on one core here, and 22 ms when the right
-operand is first copied column-major (each dot product then reads contiguous memory on both
-sides); the same held for every kernel-gradient and linear-layer shape tried but the tiniest.
-Results are bit for bit torch's. (Tried and dropped: float64 BLAS on 16-bit limbs, exact below
-2^53 but ten products: 27 ms against 36 ms at best, slower on most shapes.)
+torch has no BLAS for int64, and which layout of the right operand its matmul kernel prefers
+depends on the CPU. On an AMD EPYC without AVX-512 (2026-11-28), a (16 x 4096) @ (4096 x 144)
+product took 51 ms on one core, and 22 ms with the right operand first copied column-major (each
+dot product then reads contiguous memory on both sides). On an Intel Xeon with AVX-512DQ
+(2026-12-03), whose vector unit multiplies int64 words, the row-major kernel won instead: the
+same product 1.8 ms row-major against 4.5 ms with the copy, and 2-3x on every kernel-gradient
+shape tried. So each process times both layouts once on one such product (`_column_major_wins`,
+a few ms) and gives torch the right operand in the layout that won. Results are bit for bit
+torch's either way. (Tried and dropped: float64 BLAS on 16-bit limbs, exact below 2^53 but ten
+products: 27 ms against 36 ms at best on the EPYC, slower on most shapes.)
 
 Convolutions with small output maps go the same way. torch's int64 convolution works sample by
 sample, so a map of a few positions is a matrix-vector product that streams the whole kernel once
@@ -18,6 +22,9 @@ order: the results are torch's, word for word (tests/test_ringmath.py).
 
 from __future__ import annotations
 
+import functools
+import math
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -44,10 +51,29 @@ def broadcast_shape(a: tuple[int, ...], b: tuple[int, ...]) -> torch.Size:
 
 
 def matmul(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """torch.matmul for int64, with a 2-D right operand copied column-major first."""
+    """torch.matmul for int64, a 2-D right operand first laid out as this CPU computes fastest."""
     if y.dim() == 2 and x.dim() >= 2 and x.shape[-1] * y.shape[1] * x.shape[-2] >= _SMALL:
-        y = y.t().contiguous().t()
+        y = y.t().contiguous().t() if _column_major_wins() else y.contiguous()
     return torch.matmul(x, y)
+
+
+@functools.cache
+def _column_major_wins() -> bool:
+    """Whether torch's int64 matmul runs faster here with its right operand column-major, timed
+    on a kernel-gradient shape (best of three; values do not change an int64 product's time)."""
+    x = torch.ones(16, 2048, dtype=torch.int64)
+    rows = torch.ones(2048, 144, dtype=torch.int64)
+    columns = rows.t().contiguous().t()
+    return _best_time(lambda: torch.matmul(x, columns)) < _best_time(lambda: torch.matmul(x, rows))
+
+
+def _best_time(fn: Callable[[], Any], tries: int = 3) -> float:
+    best = math.inf
+    for _ in range(tries):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def product(op: str) -> Callable[..., Any]:
