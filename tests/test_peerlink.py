@@ -103,3 +103,60 @@ def test_no_connection_times_out() -> None:
 def test_the_link_listens_where_the_rendezvous_is_reached() -> None:
     assert peerlink._local_address("tcp://127.0.0.1:29500") == "127.0.0.1"
     assert peerlink._local_address("file:///tmp/rendezvous") == "127.0.0.1"
+
+
+def _dealer_pair(timeout_s: float = 5.0) -> tuple[peerlink.DealerClient, peerlink.DealerServer]:
+    party0, dealer = _tcp_pair()
+    return peerlink.DealerClient(party0, timeout_s), peerlink.DealerServer(dealer, timeout_s)
+
+
+def test_answers_land_in_order_while_party_0_waits_out_of_order() -> None:
+    # Party 0 posts two requests before it waits for either; each answer is 2 MiB, past the
+    # sockets' buffers, so a party 0 that read only when it waited would stall the dealer.
+    client, server = _dealer_pair()
+    answers = [torch.arange(1 << 18) * k for k in (3, 5)]
+
+    def serve() -> None:
+        for request, answer in zip(server.requests(1024), answers, strict=False):
+            assert request in (b'{"n":0}', b'{"n":1}')
+            server.answer(answer)
+
+    dealer = threading.Thread(target=serve)
+    dealer.start()
+    results = [torch.empty(1 << 18, dtype=torch.int64) for _ in answers]
+    waits = [client.post(f'{{"n":{k}}}'.encode(), results[k]) for k in range(2)]
+    waits[1]()
+    waits[0]()
+    assert all(torch.equal(r, a) for r, a in zip(results, answers, strict=True))
+    client.close()  # the end frame: the dealer's loop returns
+    dealer.join(5)
+    assert not dealer.is_alive()
+    server.close()
+
+
+def test_an_oversized_request_is_refused_by_the_dealer() -> None:
+    client, server = _dealer_pair()
+    client.post(b"x" * 2048, torch.empty(1, dtype=torch.int64))
+    with pytest.raises(ConnectionError, match="2048-byte request; at most 1024"):
+        next(server.requests(1024))
+    server.close()
+    client.close()
+
+
+def test_a_dealer_that_vanishes_fails_party_0s_wait_by_name() -> None:
+    client, server = _dealer_pair()
+    wait = client.post(b"{}", torch.empty(1024, dtype=torch.int64))
+    next(server.requests(1024))
+    server.close()  # gone without an answer
+    with pytest.raises(ConnectionError, match="the dealer's link failed: the dealer closed"):
+        wait()
+    client.close()
+
+
+def test_a_silent_dealer_times_out() -> None:
+    client, server = _dealer_pair(timeout_s=0.3)
+    wait = client.post(b"{}", torch.empty(4, dtype=torch.int64))
+    with pytest.raises(TimeoutError, match="no answer from the dealer"):
+        wait()
+    server.close()
+    client.close()

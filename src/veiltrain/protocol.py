@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import os
 import secrets
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -22,7 +23,7 @@ import torch
 import torch.distributed as dist
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from veiltrain import ringmath
+from veiltrain import peerlink, ringmath
 from veiltrain.errors import PartyError
 
 KEY_BYTES = 32
@@ -209,10 +210,13 @@ def _client_setup_generators(client: Any) -> None:
     import crypten.communicator as comm
 
     received = _empty_key()
-    dist.recv(tensor=received, src=comm.get().get_ttp_rank(), group=client.ttp_group)
+    dealer = comm.get().get_ttp_rank()
+    dist.recv(tensor=received, src=dealer, group=client.ttp_group)
     dist.barrier(group=client.ttp_group)
     client.generator = KeyStream(key_bytes(received))
     client.generator_cuda = client.generator
+    if comm.get().get_rank() == 0:  # only party 0 asks the dealer for anything
+        peerlink.dial_dealer(_wait.total_seconds(), client.ttp_group, dealer)
 
 
 def _server_setup_generators(server: Any) -> None:
@@ -254,18 +258,29 @@ def _serve(server: Any) -> None:
     server.device = "cpu"  # the dealer computes on its CPU; parties move values to their device
     _server_setup_generators(server)
     rank = comm.get().get_ttp_rank()
-    while True:
+    link = peerlink.accept_party0(os.environ["RENDEZVOUS"], _wait.total_seconds(), server.ttp_group)
+    try:  # party 0's requests come over the link until its session ends
+        for request in link.requests(MAX_MESSAGE_BYTES):
+            link.answer(_answer(server, json.loads(request)))
+    finally:
+        link.close()
+    while True:  # then over gloo, as CrypTen sends its 'terminate'
         message = comm.get().recv_obj(0, server.ttp_group)
         if message == "terminate":
             return
-        function, args, kwargs = checked_request(message)
-        result = getattr(server, function)(*args, **kwargs)
-        if result.size() != result_size(function, args, kwargs):
-            raise PartyError(
-                f"the dealer: {function} gave {list(result.size())}, not the size "
-                f"party 0 expects; request {str(message)[:200]!r}"
-            )
-        comm.get().broadcast(result, rank, server.comm_group)
+        comm.get().broadcast(_answer(server, message), rank, server.comm_group)
+
+
+def _answer(server: Any, message: Any) -> torch.Tensor:
+    """The dealer's answer to one checked request, of the size party 0 expects."""
+    function, args, kwargs = checked_request(message)
+    result: torch.Tensor = getattr(server, function)(*args, **kwargs)
+    if result.size() != result_size(function, args, kwargs):
+        raise PartyError(
+            f"the dealer: {function} gave {list(result.size())}, not the size "
+            f"party 0 expects; request {str(message)[:200]!r}"
+        )
+    return result
 
 
 def result_size(function: str, args: Sequence[Any], kwargs: dict[str, Any]) -> torch.Size:
@@ -357,6 +372,9 @@ def _ttp_post(self: Any, function: str, device: Any, *args: Any, **kwargs: Any) 
     import crypten.communicator as comm
 
     message = {"function": function, "device": None, "args": args, "kwargs": kwargs}
+    link = peerlink.dealer()
+    if link is not None:
+        return _posted(link, message, result_size(function, args, kwargs), device)
     dealer = comm.get().get_ttp_rank()
     # Not waiting for the send either: a blocking send returns once the dealer has taken it.
     works = [dist.isend(frame, dealer, group=self.ttp_group) for frame in _frames(message)]
@@ -369,6 +387,20 @@ def _ttp_post(self: Any, function: str, device: Any, *args: Any, **kwargs: Any) 
                 raise PartyError("party 0 is not in the dealer's group")
             work.wait(_wait)
         return result
+
+    return answer
+
+
+def _posted(
+    link: peerlink.DealerClient, message: dict[str, Any], size: torch.Size, device: Any
+) -> Pending:
+    """The request over party 0's link to the dealer; the answer lands in `result` meanwhile."""
+    result = torch.empty(size, dtype=torch.long)
+    arrived = link.post(json.dumps(message, separators=(",", ":")).encode(), result)
+
+    def answer() -> torch.Tensor:
+        arrived()
+        return result if device is None else result.to(device)
 
     return answer
 
