@@ -151,23 +151,25 @@ def _batchnorm_backward(ctx: Any, grad_output: Any) -> tuple[Any, Any, Any]:
 
     With s = weight * inv_var (per channel) and n values per channel, CrypTen's terms regroup:
     grad_input = g s - s sum(g) / n - x_norm s sum(g x_norm) / n, and sum(g x_norm) is the
-    weight's gradient. The per-channel factors are products of C values; only g x_norm, g s and
-    x_norm (s grad_weight / n) run over the activations. Dividing by n last also keeps the
-    bits CrypTen loses in inv_var / n (a few units of 2^-16 at n = 16k).
+    weight's gradient. With x_norm = centered * inv_var, the per-channel factors are products of
+    C values; only g centered, g s and centered (s grad_weight inv_var / n) run over the
+    activations. Dividing by n last also keeps the bits CrypTen loses in inv_var / n (a few
+    units of 2^-16 at n = 16k).
     """
-    x_norm, weight, inv_var, training = ctx.saved_tensors
+    centered, weight, inv_var, training = ctx.saved_tensors  # the last three (1, C, 1, ...)
     dims = [d for d in range(grad_output.dim()) if d != 1]
     per_channel = [1] * grad_output.dim()
     per_channel[1] = grad_output.size(1)
-    grad_weight = grad_output.mul(x_norm).sum(dims)
+    # sum(g x_norm) = sum(g centered) inv_var: x_norm itself is never formed (see the forward)
+    grad_weight = grad_output.mul(centered).sum(dims).mul(inv_var.reshape(-1))
     grad_bias = grad_output.sum(dims)
-    scale = weight.mul(inv_var)  # both saved as (1, C, 1, ...)
+    scale = weight.mul(inv_var)
     grad_input = grad_output.mul(scale)
     if training:
         count = grad_output.nelement() // grad_output.size(1)
         mean_term = scale.mul(grad_bias.reshape(per_channel)).div(-count)
-        spread = scale.mul(grad_weight.reshape(per_channel)).div(-count)
-        grad_input = grad_input.add(mean_term).add(x_norm.mul(spread))
+        spread = scale.mul(grad_weight.reshape(per_channel)).div(-count).mul(inv_var)
+        grad_input = grad_input.add(mean_term).add(centered.mul(spread))
     return grad_input, grad_weight, grad_bias
 
 
@@ -200,9 +202,9 @@ def _batchnorm_forward(  # noqa: PLR0917 (CrypTen passes these positionally)
         )
     inv_var = inv_var.reshape(per_channel)
     weight = weight.reshape(per_channel)
-    x_norm = centered * inv_var
-    ctx.save_multiple_for_backward((x_norm, weight, inv_var, training))
-    return x_norm * weight + bias.reshape(per_channel)
+    # One product over the activations, by a per-channel factor: CrypTen formed x_norm first.
+    ctx.save_multiple_for_backward((centered, weight, inv_var, training))
+    return centered * (weight * inv_var) + bias.reshape(per_channel)
 
 
 def _batch_statistics(x: Any, running_mean: Any, running_var: Any, momentum: float) -> Any:

@@ -20,16 +20,15 @@ is assumed private (the README's threat model).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hmac
-import queue
 import secrets
+import select
 import socket
 import struct
-import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -40,9 +39,6 @@ _NONCE_BYTES = 16
 _ADDRESS_BYTES = 255  # the length goes in one byte
 _PROOF_S = 5.0
 """How long a new connection has to send the nonce (party 0 sends it at once)."""
-_DIRECT_BYTES = 1 << 15
-"""Exchanges up to this size are sent then received on one thread: both fit the sockets' buffers,
-so neither side can block in its send waiting for the other to receive."""
 
 
 class PeerLink:
@@ -50,40 +46,42 @@ class PeerLink:
 
     def __init__(self, sock: socket.socket, rank: int, timeout_s: float) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.settimeout(timeout_s)
+        # Non-blocking: one thread sends and receives at once (both sides send megabytes, past
+        # the sockets' buffers); a sender thread cost a wake-up and a GIL hand-over each time.
+        sock.setblocking(False)
         self._sock, self._peer, self._timeout_s = sock, 1 - rank, timeout_s
-        # Large exchanges send on this thread while the caller receives (full duplex).
-        self._sender = ThreadPoolExecutor(1, thread_name_prefix="veiltrain-peerlink")
-        self._lock = threading.Lock()
 
     def exchange(self, mine: torch.Tensor) -> torch.Tensor:
         """The peer's tensor of the same shape, for ours (contiguous int64 on the CPU)."""
         theirs = torch.empty_like(mine)
-        out = mine.numpy().data.cast("B")
-        into = theirs.numpy().data.cast("B")
-        with self._lock:
-            try:
-                self._swap(out, into)
-            except (TimeoutError, OSError) as exc:
-                raise self._failed(exc) from exc
+        try:
+            self._swap(mine.numpy().data.cast("B"), theirs.numpy().data.cast("B"))
+        except OSError as exc:
+            raise self._failed(exc) from exc
         return theirs
 
     def _swap(self, out: memoryview, into: memoryview) -> None:
-        if len(out) <= _DIRECT_BYTES:
-            self._sock.sendall(out)
-            self._receive(into)
-            return
-        sending = self._sender.submit(self._sock.sendall, out)
-        self._receive(into)
-        sending.result(timeout=self._timeout_s)
+        sent = got = 0
+        while sent < len(out) or got < len(into):
+            before = sent + got
+            if sent < len(out):
+                with contextlib.suppress(BlockingIOError):
+                    sent += self._sock.send(out[sent:])
+            if got < len(into):
+                with contextlib.suppress(BlockingIOError):
+                    n = self._sock.recv_into(into[got:])
+                    if n == 0:
+                        raise ConnectionError(f"party {self._peer} closed the link mid-opening")
+                    got += n
+            if sent + got == before:
+                self._await(reading=got < len(into), writing=sent < len(out))
 
-    def _receive(self, into: memoryview) -> None:
-        got = 0
-        while got < len(into):
-            n = self._sock.recv_into(into[got:])
-            if n == 0:
-                raise ConnectionError(f"party {self._peer} closed the link mid-opening")
-            got += n
+    def _await(self, *, reading: bool, writing: bool) -> None:
+        ready = select.select(
+            [self._sock] if reading else [], [self._sock] if writing else [], [], self._timeout_s
+        )
+        if not ready[0] and not ready[1]:
+            raise TimeoutError
 
     def _failed(self, exc: BaseException) -> OSError:
         if isinstance(exc, TimeoutError):
@@ -93,8 +91,7 @@ class PeerLink:
         return ConnectionError(f"the link to party {self._peer} failed in an opening: {exc}")
 
     def close(self) -> None:
-        """Close the socket and stop the sender thread."""
-        self._sender.shutdown(wait=False, cancel_futures=True)
+        """Close the socket."""
         self._sock.close()
 
 
@@ -236,54 +233,52 @@ def _receive_exactly(sock: socket.socket, into: memoryview, who: str) -> None:
 
 
 class DealerClient:
-    """Party 0's end: requests go out as frames; a reader thread receives each answer, in
-    order, into the tensor its request named, so party 0 can post, open and only then wait."""
+    """Party 0's end: requests go out as frames, and answers are read in order when one is
+    waited for, each into the tensor its request named, so party 0 can post, open and only then
+    wait. Requests are a few hundred bytes: posting never blocks on an unread answer."""
 
     def __init__(self, sock: socket.socket, timeout_s: float) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(timeout_s)
         self._sock, self._timeout_s = sock, timeout_s
-        self._queue: queue.SimpleQueue[tuple[torch.Tensor, threading.Event] | None] = (
-            queue.SimpleQueue()
-        )
-        self._failure: BaseException | None = None
-        self._reader = threading.Thread(target=self._read, name="veiltrain-dealer", daemon=True)
-        self._reader.start()
+        self._unread: collections.deque[torch.Tensor] = collections.deque()
+        self._posted = self._read = 0
 
     def post(self, request: bytes, into: torch.Tensor) -> Callable[[], None]:
         """Send a request; the returned call waits until `into` holds the dealer's answer."""
-        done = threading.Event()
-        self._queue.put((into, done))
         try:
             self._sock.sendall(_LENGTH.pack(len(request)) + request)
         except OSError as exc:
             raise ConnectionError(f"the dealer's link failed sending a request: {exc}") from exc
+        self._unread.append(into)
+        ticket = self._posted
+        self._posted += 1
 
         def wait() -> None:
-            late = TimeoutError(f"no answer from the dealer within {self._timeout_s:.0f} s")
-            if not done.wait(self._timeout_s) or isinstance(self._failure, TimeoutError):
-                raise late
-            if self._failure is not None:
-                raise ConnectionError(f"the dealer's link failed: {self._failure}")
+            while self._read <= ticket:
+                self._read_next()
 
         return wait
 
-    def _read(self) -> None:
-        while (item := self._queue.get()) is not None:
-            into, done = item
-            try:
-                if self._failure is None:
-                    _receive_exactly(self._sock, into.numpy().data.cast("B"), "the dealer")
-            except OSError as exc:  # the waiting caller raises it, by name
-                self._failure = exc
-            done.set()
+    def _read_next(self) -> None:
+        into = self._unread.popleft()
+        try:
+            _receive_exactly(self._sock, into.numpy().data.cast("B"), "the dealer")
+        except TimeoutError:
+            raise TimeoutError(
+                f"no answer from the dealer within {self._timeout_s:.0f} s"
+            ) from None
+        except OSError as exc:
+            raise ConnectionError(f"the dealer's link failed: {exc}") from exc
+        self._read += 1
 
     def close(self) -> None:
-        """Tell the dealer the link ends (it goes back to gloo for CrypTen's shutdown)."""
-        self._queue.put(None)
+        """Tell the dealer the link ends (it goes back to gloo for CrypTen's shutdown), reading
+        the answers nobody waited for so that the dealer is not left blocked sending them."""
         with contextlib.suppress(OSError):  # the dealer is gone already: CrypTen's shutdown says
             self._sock.sendall(_LENGTH.pack(0))
-        self._reader.join(self._timeout_s)
+            while self._unread:
+                self._read_next()
         self._sock.close()
 
 
