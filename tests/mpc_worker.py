@@ -188,7 +188,7 @@ def openings(rank: int, folder: Path, precision_bits: int) -> None:
     seen: dict[str, list[np.ndarray]] = {"words": [], "binary": [], "bits": []}
     original = chains.open_masked
 
-    def recorded(masked: list[torch.Tensor], *, binary: bool) -> list[torch.Tensor]:
+    def recorded(masked: list[chains.Masked], *, binary: bool) -> list[torch.Tensor]:
         opened = original(masked, binary=binary)
         # B2A opens one tensor of single bits; every other opening is of whole words.
         kind = ("bits" if len(masked) == 1 else "binary") if binary else "words"

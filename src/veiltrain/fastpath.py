@@ -92,7 +92,7 @@ def _beaver(op: str, x: Any, y: Any, *args: Any, **kwargs: Any) -> Any:
         return _ORIGINAL["beaver"](op, x, y, *args, **kwargs)  # its checks and errors
     if chains.on_two_cpu_parties(x.share, y.share):
         a, b, pending = protocol.additive_parts(x.size(), y.size(), op, *args, **kwargs)
-        epsilon, delta = chains.open_masked([x.share - a, y.share - b], binary=False)
+        epsilon, delta = chains.open_masked([(x.share, a), (y.share, b)], binary=False)
         c = pending()  # the dealer computed it while the parties exchanged
     else:
         provider = crypten.mpc.get_default_provider()
@@ -117,7 +117,7 @@ def _b2a_single_bit(bit: Any) -> Any:
     if not chains.on_two_cpu_parties(bit.share):
         return _ORIGINAL["b2a"](bit)
     r_binary, pending = protocol.b2a_parts(bit.size())
-    (z,) = chains.open_masked([bit.share ^ r_binary], binary=True)
+    (z,) = chains.open_masked([(bit.share, r_binary)], binary=True)
     share = pending() * (1 - 2 * z)
     if comm.get().get_rank() == 0:
         share += z
@@ -337,7 +337,7 @@ class _PlaneGates:
         a, b = self._a[rows], self._b[rows]
         if a.shape != x.shape or y.shape != x.shape:
             raise RuntimeError(f"sign-bit gates: planes {tuple(x.shape)} past the triple's rows")
-        epsilon, delta = chains.open_masked([x ^ a, y ^ b], binary=True)
+        epsilon, delta = chains.open_masked([(x, a), (y, b)], binary=True)
         if self._c is None:
             self._c = self._pending()
         z = self._c[rows] ^ (epsilon & b) ^ (a & delta)
