@@ -180,6 +180,21 @@ def pooling(rank: int, folder: Path, precision_bits: int) -> None:
     )
 
 
+def kernel_grad(rank: int, folder: Path, precision_bits: int) -> None:
+    """A 3x3 convolution's kernel gradient from g and the input x: one Beaver product of the
+    two (the dealer cuts the mask's patches) and a matmul with the patches of x's shares."""
+    from veiltrain import fastpath, mpc
+
+    with np.load(folder / f"in_{rank}.npz", allow_pickle=False) as data:
+        x, g = (mpc.from_shares(torch.from_numpy(data[k]), precision_bits) for k in ("x", "g"))
+    settings: dict[str, Any] = {"padding": (1, 1), "stride": (2, 2), "dilation": (1, 1)}
+    out = {
+        "triple": fastpath._kernel_grad(x, g, (4, 3, 3, 3), **settings),
+        "patches": fastpath._kernel_grad_patches(x, g, (4, 3, 3, 3), **settings),
+    }
+    np.savez(folder / f"out_{rank}.npz", **{k: mpc.share_of(v).numpy() for k, v in out.items()})
+
+
 def openings(rank: int, folder: Path, precision_bits: int) -> None:
     """Everything this party learns from the other in two-party openings, while it computes
     relu(a), a * a and exp(a / 10): the opened words (its own masked words are its own)."""
@@ -252,6 +267,8 @@ def _party_work(mode: str, rank: int, folder: Path, precision_bits: int, timeout
         chains(rank, folder, precision_bits)
     elif mode == "pooling":
         pooling(rank, folder, precision_bits)
+    elif mode == "kernel-grad":
+        kernel_grad(rank, folder, precision_bits)
     elif mode == "openings":
         openings(rank, folder, precision_bits)
     elif mode == "signs-stalled":

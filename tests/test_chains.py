@@ -1,4 +1,4 @@
-"""veiltrain.chains and veiltrain.pooling between real parties: CrypTen's results, faster."""
+"""veiltrain.chains, veiltrain.pooling and the kernel-gradient triple between real parties."""
 
 from __future__ import annotations
 
@@ -73,3 +73,20 @@ def test_parties_max_pool_by_tournament_as_crypten_does(tmp_path: Path) -> None:
     routed = np.where(hot == 1, encoded[1][..., None, None], 0)  # g to each window's winner
     expected = routed.transpose(0, 1, 2, 4, 3, 5).reshape(2, 3, 8, 8)
     assert np.array_equal(words("grad"), expected)  # the backward as CrypTen's, words exact
+
+
+@pytest.mark.slow
+def test_parties_take_the_kernel_gradient_in_one_product_of_g_and_x(tmp_path: Path) -> None:
+    # The triple masks x itself (the dealer cuts the patches of its mask): the same gradient as
+    # a matmul with the patches of x's shares, and torch's within fixed-point error.
+    import torch
+
+    rng = np.random.default_rng(11)
+    x, g = rng.standard_normal((2, 3, 7, 7)), rng.standard_normal((2, 4, 4, 4))
+    words = _parties(tmp_path, "kernel-grad", x=_encoded(x), g=_encoded(g))
+    expected = torch.nn.grad.conv2d_weight(
+        torch.from_numpy(x), (4, 3, 3, 3), torch.from_numpy(g), stride=2, padding=1
+    ).numpy()
+    for key in ("triple", "patches"):
+        got = sharing.decode(words(key), PRECISION_BITS)
+        assert np.abs(got - expected).max() < 2e-3, key

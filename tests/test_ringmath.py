@@ -93,3 +93,40 @@ def test_broadcast_shape_is_torchs(a: tuple[int, ...], b: tuple[int, ...]) -> No
 def test_shapes_that_do_not_broadcast_are_refused_as_torch_does() -> None:
     with pytest.raises(RuntimeError, match="do not broadcast"):
         ringmath.broadcast_shape((4, 3), (2, 3))
+
+
+@pytest.mark.parametrize(
+    ("stride", "padding", "dilation"), [(1, 1, 1), (2, 1, 1), (1, 0, 2), (2, 0, 1), (1, 2, 1)]
+)
+def test_the_kernel_gradient_wraps_exactly(stride: int, padding: int, dilation: int) -> None:
+    gen = torch.Generator().manual_seed(stride * 100 + padding * 10 + dilation)
+    x = torch.randint(-(2**63), 2**63 - 1, (2, 3, 7, 7), dtype=torch.int64, generator=gen)
+    size = (7 + 2 * padding - dilation * 2 - 1) // stride + 1
+    g = torch.randint(-(2**63), 2**63 - 1, (2, 4, size, size), dtype=torch.int64, generator=gen)
+    ours = ringmath.conv2d_weight(g, x, (3, 3), padding, stride, dilation)
+    # Tap by tap with int64 einsum: sums mod 2^64 wrap the same whatever their order.
+    padded = torch.nn.functional.pad(x, (padding,) * 4)
+    span = stride * (size - 1) + 1
+    taps = [
+        torch.einsum(
+            "noyx,ncyx->oc",
+            g,
+            padded[
+                :,
+                :,
+                i * dilation : i * dilation + span : stride,
+                j * dilation : j * dilation + span : stride,
+            ],
+        )
+        for i in range(3)
+        for j in range(3)
+    ]
+    assert torch.equal(ours, torch.stack(taps, dim=-1).reshape(4, 3, 3, 3))
+    # On small integers it is torch's own kernel gradient.
+    small_x, small_g = x % 7 - 3, g % 7 - 3
+    reference = torch.nn.grad.conv2d_weight(
+        small_x.double(), (4, 3, 3, 3), small_g.double(), stride, padding, dilation
+    )
+    assert torch.equal(
+        ringmath.conv2d_weight(small_g, small_x, 3, padding, stride, dilation), reference.long()
+    )

@@ -228,6 +228,23 @@ def _kernel_grad(
     input: Any, grad_output: Any, size: Any, *, padding: Any, stride: Any, dilation: Any
 ) -> Any:
     """dL/dW[o, c, i, j] = sum over n, y, x of g[n, o, y, x] * xpad[n, c, y*s + i*d, x*s + j*d]."""
+    from crypten.config import cfg
+
+    g, x = grad_output._tensor, input._tensor
+    fixed_point = g.encoder.scale > 1 and x.encoder.scale > 1
+    if chains.on_two_cpu_parties(g.share, x.share) and fixed_point and not cfg.mpc.active_security:
+        settings = {"padding": padding, "stride": stride, "dilation": dilation}
+        return _kernel_grad_triple(g, x, size, **{k: list(v) for k, v in settings.items()})
+    return _kernel_grad_patches(
+        input, grad_output, size, padding=padding, stride=stride, dilation=dilation
+    )
+
+
+def _kernel_grad_patches(
+    input: Any, grad_output: Any, size: Any, *, padding: Any, stride: Any, dilation: Any
+) -> Any:
+    """The kernel gradient as a Beaver matmul of g's rows and the input's patches, cut from the
+    shares (any device, any number of parties)."""
     import crypten
 
     out_channels, in_channels, kh, kw = size
@@ -249,6 +266,19 @@ def _kernel_grad(
     taps = patches.permute(1, 3, 4, 2, 0).reshape(n * oh * ow, in_channels * kh * kw)
     rows = grad_output.permute(1, 0, 2, 3).reshape(out_channels, n * oh * ow)
     return rows.matmul(taps).reshape(out_channels, in_channels, kh, kw)
+
+
+def _kernel_grad_triple(g: Any, x: Any, size: Any, **settings: list[int]) -> Any:
+    """The kernel gradient as one Beaver product of g and x (ringmath.conv2d_weight): the
+    parties open x - a, not its patches (kh kw times the words), and the dealer cuts a's."""
+    from crypten.mpc.primitives.arithmetic import ArithmeticSharedTensor
+    from crypten.mpc.ptype import ptype as Ptype
+
+    kernel = [int(k) for k in size[2:]]
+    words = _beaver("conv2d_weight", g, x, kernel_size=kernel, **settings).share
+    product = ArithmeticSharedTensor.from_shares(words, precision=0)
+    product.encoder = g.encoder  # CrypTen's private product: scale^2, truncated once by scale
+    return _wrapped(product.div_(g.encoder.scale), Ptype.arithmetic)
 
 
 def _ltz(self: Any) -> Any:

@@ -39,7 +39,9 @@ MAX_MESSAGE_BYTES = 1 << 20
 
 TTP_FUNCTIONS = frozenset({"additive", "square", "binary", "wraps", "B2A"})
 """What the dealer serves: CrypTen's TTP functions, nothing else by name."""
-TTP_OPS = frozenset({"mul", "matmul", "conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d"})
+TTP_OPS = frozenset(
+    {"mul", "matmul", "conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d", "conv2d_weight"}
+)
 """The torch products an additive-triple request may name."""
 
 
@@ -308,6 +310,8 @@ def _product_size(
         return tuple(_broadcast(a, b))
     if op == "matmul":
         return _matmul_size(a, b)
+    if op == "conv2d_weight":  # (g, x) to the kernel's (C_out, C_in, kh, kw)
+        return (a[1], b[1], *ringmath.pair(kwargs["kernel_size"]))
     return _conv_size(a, b, op.startswith("conv_transpose"), **kwargs)
 
 

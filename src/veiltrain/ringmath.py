@@ -82,11 +82,13 @@ def product(op: str) -> Callable[..., Any]:
         "matmul": matmul,
         "conv2d": conv2d,
         "conv_transpose2d": conv_transpose2d,
+        "conv2d_weight": conv2d_weight,
     }
     return ours[op] if op in ours else getattr(torch, op)
 
 
-def _pair(value: Any) -> tuple[int, int]:
+def pair(value: Any) -> tuple[int, int]:
+    """A convolution setting for both spatial dimensions (an int stands for both)."""
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
@@ -112,7 +114,7 @@ def conv2d(  # noqa: PLR0917 (torch.conv2d's positional signature)
     groups: int = 1,
 ) -> torch.Tensor:
     """torch.conv2d; an output map of a few positions as one product of patches and kernel."""
-    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
+    (sh, sw), (ph, pw), (dh, dw) = pair(stride), pair(padding), pair(dilation)
     n, _, h, wd = x.shape
     out_channels, _, kh, kw = w.shape
     oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
@@ -139,8 +141,8 @@ def conv_transpose2d(  # noqa: PLR0917 (torch.conv_transpose2d's positional sign
     dilation: Any = 1,
 ) -> torch.Tensor:
     """torch.conv_transpose2d; a small input map as one product, its columns added back."""
-    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
-    (qh, qw) = _pair(output_padding)
+    (sh, sw), (ph, pw), (dh, dw) = pair(stride), pair(padding), pair(dilation)
+    (qh, qw) = pair(output_padding)
     n, _, gh, gw = g.shape
     _, in_channels, kh, kw = w.shape
     if bias is not None or not _patches_apply(g, w, groups=groups, positions=gh * gw):
@@ -155,3 +157,33 @@ def conv_transpose2d(  # noqa: PLR0917 (torch.conv_transpose2d's positional sign
             tap = columns[..., i, j].permute(0, 3, 1, 2)  # (N, C_in, gh, gw)
             canvas[:, :, _tap(i, dh, sh, gh), _tap(j, dw, sw, gw)] += tap
     return canvas[:, :, ph : full_h - ph, pw : full_w - pw].contiguous()
+
+
+def conv2d_weight(  # noqa: PLR0917 (a product's operands, then torch's convolution settings)
+    g: torch.Tensor,
+    x: torch.Tensor,
+    kernel_size: Any,
+    padding: Any = 0,
+    stride: Any = 1,
+    dilation: Any = 1,
+) -> torch.Tensor:
+    """The kernel gradient of conv2d (groups 1) for output gradient g and input x: rows of g
+    (C_out, N oh ow) times the input's patches (N oh ow, C_in kh kw), cut here.
+
+    Bilinear in (g, x), so a Beaver triple serves it with x's own shape: the parties open x - a
+    instead of its patches (kh kw times the words) and the dealer cuts the patches of a.
+    """
+    (kh, kw), (ph, pw), (sh, sw), (dh, dw) = (
+        pair(v) for v in (kernel_size, padding, stride, dilation)
+    )
+    n, in_channels = x.shape[:2]
+    out_channels, oh, ow = g.shape[1:]
+    padded = torch.nn.functional.pad(x, (pw, pw, ph, ph))
+    taps = torch.empty(n, oh, ow, in_channels, kh * kw, dtype=x.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            cut = padded[:, :, _tap(i, dh, sh, oh), _tap(j, dw, sw, ow)]
+            taps[..., i * kw + j] = cut.permute(0, 2, 3, 1)
+    rows = g.permute(1, 0, 2, 3).reshape(out_channels, n * oh * ow)
+    product = matmul(rows, taps.reshape(n * oh * ow, in_channels * kh * kw))
+    return product.reshape(out_channels, in_channels, kh, kw)
