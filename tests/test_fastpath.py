@@ -119,6 +119,17 @@ def test_beaver_products_match_crypten(crypten_single: Any, name: str) -> None:
     assert torch.allclose(fast.double() / 2**16, expected.double(), atol=1e-2)
 
 
+def test_a_product_by_bits_keeps_the_fixed_point_scale_as_crypten_does(crypten_single: Any) -> None:
+    # (x > 0) is shared at scale 1: the product is not truncated, in either order of operands.
+    values = torch.linspace(-3, 3, 12)
+    x = crypten_single.cryptensor(values)
+    bits = x > 0
+    for product in (lambda: x * bits, lambda: bits * x):
+        stock, fast = _both(product)
+        assert torch.equal(stock, fast)
+        assert torch.allclose(fast.double() / 2**16, (values * (values > 0)).double(), atol=1e-4)
+
+
 CONVS = {
     "plain": ((4, 3, 8, 8), (5, 3, 3, 3), {}),
     "padded, strided": ((3, 2, 9, 9), (4, 2, 3, 3), {"stride": 2, "padding": 1}),

@@ -22,7 +22,8 @@
 - exp and the inverse square root (BatchNorm's): CrypTen's approximations as chains of products
   whose triples come in one dealer request (veiltrain.chains).
 - Max pooling as a tournament (veiltrain.pooling): k - 1 comparisons a window of k, not k^2.
-- Shallow copies and clones without the empty sharing CrypTen builds and drops (`_wrapped`).
+- Shallow copies and clones without the empty sharing CrypTen builds and drops (`_wrapped`);
+  products of two shared tensors without a clone of x's share that the product overwrites.
 - BatchNorm gradients with 3 full-size products instead of 6; no input gradient for a conv whose
   input needs none; CrypTen's attribute-validation hook off (see `install`).
 - BatchNorm's running variance is the unbiased one, as in torch: CrypTen's `var(unbiased=True)`
@@ -107,6 +108,28 @@ def _beaver(op: str, x: Any, y: Any, *args: Any, **kwargs: Any) -> Any:
         c, a, b, epsilon, delta, comm.get().get_rank(), lambda u, v: product(u, v, *args, **kwargs)
     )
     return ArithmeticSharedTensor.from_shares(c, precision=0)
+
+
+_PRODUCTS = frozenset({"mul", "matmul", "conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d"})
+
+
+def _arithmetic_function(  # noqa: PLR0917 (CrypTen's positional signature)
+    self: Any, y: Any, op: str, inplace: bool = False, *args: Any, **kwargs: Any
+) -> Any:
+    """CrypTen's `_arithmetic_function`; a product of two shared tensors without first cloning
+    x's share (CrypTen's clone, 2 % of a party, was overwritten by the product at once)."""
+    from crypten.config import cfg
+    from crypten.mpc.primitives.arithmetic import ArithmeticSharedTensor
+
+    private = isinstance(y, ArithmeticSharedTensor) and cfg.mpc.protocol == "beaver"
+    if inplace or op not in _PRODUCTS or not private:
+        return _ORIGINAL["arithmetic"](self, y, op, inplace, *args, **kwargs)
+    result = ArithmeticSharedTensor.from_shares(_beaver(op, self, y, *args, **kwargs).share, 0)
+    # CrypTen's scaling: both fixed point, truncate once; otherwise the fixed-point one's scale.
+    result.encoder = self.encoder if self.encoder.scale > 1 else y.encoder
+    if self.encoder.scale > 1 and y.encoder.scale > 1:
+        return result.div_(self.encoder.scale)
+    return result
 
 
 def _b2a_single_bit(bit: Any) -> Any:
@@ -414,6 +437,7 @@ def install() -> None:
     from crypten.gradients import AutogradBatchNorm, AutogradConv2D
     from crypten.mpc import MPCTensor
     from crypten.mpc.primitives import beaver
+    from crypten.mpc.primitives.arithmetic import ArithmeticSharedTensor
     from crypten.mpc.primitives.binary import BinarySharedTensor
 
     if _ORIGINAL:
@@ -430,6 +454,7 @@ def install() -> None:
         batchnorm_forward=AutogradBatchNorm.forward,
         shallow_copy=MPCTensor.shallow_copy,
         clone=MPCTensor.clone,
+        arithmetic=ArithmeticSharedTensor._arithmetic_function,
     )
     BinarySharedTensor.__xor__ = _xor
     BinarySharedTensor.__and__ = _and
@@ -440,6 +465,7 @@ def install() -> None:
     MPCTensor._ltz = _ltz
     MPCTensor.shallow_copy = _shallow_copy
     MPCTensor.clone = _clone
+    ArithmeticSharedTensor._arithmetic_function = _arithmetic_function
     beaver.B2A_single_bit = _b2a_single_bit
     # CrypTen's debug hook reads cfg.debug.validation_mode (two omegaconf look-ups) on every
     # attribute access of every encrypted tensor: 14,000 per ResNet-style step. Validation
@@ -457,6 +483,7 @@ def uninstall() -> None:
     from crypten.gradients import AutogradBatchNorm, AutogradConv2D
     from crypten.mpc import MPCTensor
     from crypten.mpc.primitives import beaver
+    from crypten.mpc.primitives.arithmetic import ArithmeticSharedTensor
     from crypten.mpc.primitives.binary import BinarySharedTensor
 
     if not _ORIGINAL:
@@ -470,6 +497,7 @@ def uninstall() -> None:
     MPCTensor._ltz = _ORIGINAL.pop("ltz")
     MPCTensor.shallow_copy = _ORIGINAL.pop("shallow_copy")
     MPCTensor.clone = _ORIGINAL.pop("clone")
+    ArithmeticSharedTensor._arithmetic_function = _ORIGINAL.pop("arithmetic")
     beaver.B2A_single_bit = _ORIGINAL.pop("b2a")
     CrypTensor.__getattribute__ = _ORIGINAL.pop("getattribute")
     del MPCTensor.exp, MPCTensor.inv_sqrt, MPCTensor.max_pool2d
