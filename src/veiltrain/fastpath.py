@@ -16,9 +16,12 @@
   Kogge-Stone adder: 13 ANDs of N words and 7 dealer round trips for N values, most of a small
   CNN's forward pass. `veiltrain.signbits` computes only the carry into the sign bit, bit-sliced:
   2.8 N words of ANDs, all triples in one dealer request; CrypTen's B2A finishes as before.
-- Openings and dealer trips (two parties, CPU): masked values are exchanged in one isend/irecv
-  pair instead of an all-reduce per tensor, and party 0 waits for the dealer's c only after
-  the exchange (veiltrain.chains, veiltrain.protocol).
+- Openings and dealer trips (two parties, CPU): masked values are exchanged in one message each
+  way over the parties' own TCP link instead of an all-reduce per tensor, and party 0 waits for
+  the dealer's c (over its own link) only after the exchange (veiltrain.chains,
+  veiltrain.peerlink, veiltrain.protocol).
+- Conv2d kernel gradients as one Beaver product of g and x (the dealer's `conv2d_weight`): the
+  parties open x - a, not x's patches.
 - exp and the inverse square root (BatchNorm's): CrypTen's approximations as chains of products
   whose triples come in one dealer request (veiltrain.chains).
 - Max pooling as a tournament (veiltrain.pooling): k - 1 comparisons a window of k, not k^2.
