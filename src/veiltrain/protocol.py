@@ -400,7 +400,8 @@ def _ttp_post(self: Any, function: str, device: Any, *args: Any, **kwargs: Any) 
 def _posted(
     link: peerlink.DealerClient, message: dict[str, Any], size: torch.Size, device: Any
 ) -> Pending:
-    """The request over party 0's link to the dealer; the answer lands in `result` meanwhile."""
+    """The request over party 0's link to the dealer; the answer is read into `result` when
+    waited for."""
     result = torch.empty(size, dtype=torch.long)
     arrived = link.post(json.dumps(message, separators=(",", ":")).encode(), result)
 
