@@ -127,11 +127,18 @@ def _arithmetic_function(  # noqa: PLR0917 (CrypTen's positional signature)
     private = isinstance(y, ArithmeticSharedTensor) and cfg.mpc.protocol == "beaver"
     if inplace or op not in _PRODUCTS or not private:
         return _ORIGINAL["arithmetic"](self, y, op, inplace, *args, **kwargs)
-    result = ArithmeticSharedTensor.from_shares(_beaver(op, self, y, *args, **kwargs).share, 0)
-    # CrypTen's scaling: both fixed point, truncate once; otherwise the fixed-point one's scale.
-    result.encoder = self.encoder if self.encoder.scale > 1 else y.encoder
-    if self.encoder.scale > 1 and y.encoder.scale > 1:
-        return result.div_(self.encoder.scale)
+    return _private_product(op, self, y, *args, **kwargs)
+
+
+def _private_product(op: str, x: Any, y: Any, *args: Any, **kwargs: Any) -> Any:
+    """x op y of two ArithmeticSharedTensors by one Beaver product, scaled as CrypTen does:
+    both fixed point, truncated once; otherwise at the fixed-point operand's scale."""
+    from crypten.mpc.primitives.arithmetic import ArithmeticSharedTensor
+
+    result = ArithmeticSharedTensor.from_shares(_beaver(op, x, y, *args, **kwargs).share, 0)
+    result.encoder = x.encoder if x.encoder.scale > 1 else y.encoder
+    if x.encoder.scale > 1 and y.encoder.scale > 1:
+        return result.div_(x.encoder.scale)
     return result
 
 
@@ -257,8 +264,7 @@ def _kernel_grad(
     from crypten.config import cfg
 
     g, x = grad_output._tensor, input._tensor
-    fixed_point = g.encoder.scale > 1 and x.encoder.scale > 1
-    if chains.on_two_cpu_parties(g.share, x.share) and fixed_point and not cfg.mpc.active_security:
+    if chains.on_two_cpu_parties(g.share, x.share) and not cfg.mpc.active_security:
         settings = {"padding": padding, "stride": stride, "dilation": dilation}
         return _kernel_grad_triple(g, x, size, **{k: list(v) for k, v in settings.items()})
     return _kernel_grad_patches(
@@ -297,14 +303,11 @@ def _kernel_grad_patches(
 def _kernel_grad_triple(g: Any, x: Any, size: Any, **settings: list[int]) -> Any:
     """The kernel gradient as one Beaver product of g and x (ringmath.conv2d_weight): the
     parties open x - a, not its patches (kh kw times the words), and the dealer cuts a's."""
-    from crypten.mpc.primitives.arithmetic import ArithmeticSharedTensor
     from crypten.mpc.ptype import ptype as Ptype
 
     kernel = [int(k) for k in size[2:]]
-    words = _beaver("conv2d_weight", g, x, kernel_size=kernel, **settings).share
-    product = ArithmeticSharedTensor.from_shares(words, precision=0)
-    product.encoder = g.encoder  # CrypTen's private product: scale^2, truncated once by scale
-    return _wrapped(product.div_(g.encoder.scale), Ptype.arithmetic)
+    product = _private_product("conv2d_weight", g, x, kernel_size=kernel, **settings)
+    return _wrapped(product, Ptype.arithmetic)
 
 
 def _ltz(self: Any) -> Any:
