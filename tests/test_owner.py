@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from seaweed import PARTY_BUCKETS, S3Server, use_party_identities
-from veiltrain import contract, data, owner, sharing
+from veiltrain import contract, data, ffrecord, owner, runstate, sharing
 from veiltrain.config import RunConfig, load_config
 from veiltrain.contract import UploadCounts
 from veiltrain.data import one_hot
@@ -102,6 +102,27 @@ def test_encrypt_and_upload_give_complete_manifests(tmp_path: Path, parties: int
         assert not [n for n in names if n.endswith((".npz", ".npy", ".pt", ".pkl"))]
         assert {"model/params.safetensors", "model/spec.json", "dataset/info.json"} <= set(names)
     _check_reconstruction(cfg, locs)
+
+
+def test_chunks_straddling_shards_reconstruct_every_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Shards of 25 records written in chunks of 10: shards end inside chunks, each shard is
+    # closed while the next opens, and the block flushes follow the writer from one to the next.
+    cfg = _config(tmp_path, 2)
+    monkeypatch.setattr(owner, "_SHARD_BYTES", 8 * 74 * 25)  # digits: 74 words a record
+    monkeypatch.setattr(owner, "_CHUNK_BYTES", 8 * 74 * 10)
+    _prepare(cfg)
+    locs = _parties(cfg)
+    shards = sorted(n for n in locs[0].list() if n.endswith(".ffr"))
+    assert len(shards) == -(-90 // 25)  # 120 samples, 30 held out: 90 records in 4 shards
+    x_train, y_train = owner.training_split(cfg)
+    shares = [PartyData.in_store(loc, contract.read_manifest(loc).table()) for loc in locs]
+    xs, ys = zip(*(s.batch(np.arange(len(x_train))) for s in shares), strict=True)
+    x = sharing.decode(sharing.reconstruct(list(xs)), cfg.precision_bits)
+    np.testing.assert_allclose(x, x_train.astype(np.float64), rtol=0, atol=TOLERANCE)
+    labels = sharing.decode(sharing.reconstruct(list(ys)), cfg.precision_bits)
+    np.testing.assert_array_equal(labels.argmax(axis=1), y_train)
 
 
 def test_the_training_split_is_rebuilt_only_from_unchanged_data(tmp_path: Path) -> None:
@@ -348,3 +369,25 @@ def test_a_failed_shard_write_surfaces_and_publishes_nothing(
     assert len(calls) == 3  # it stopped at the failure instead of writing the rest
     staged = owner.staging(cfg, 0).child("dataset")
     assert not [name for name in staged.list() if name.endswith(".ffr")]
+
+
+def test_a_failed_flush_surfaces_and_publishes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Blocks are flushed to disk by a second thread while the next is written: a disk error
+    # there (EIO from fdatasync) must reach the caller too, and leave no shard behind.
+    cfg = _config(tmp_path, 2)
+    monkeypatch.setattr(owner, "_CHUNK_BYTES", 8 * 74 * 10)
+    calls: list[int] = []
+
+    def failing(fd: int) -> None:
+        calls.append(fd)
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(ffrecord, "_datasync", failing)
+    with pytest.raises(StoreError, match=r"shard-00000\.ffr: could not flush samples"):
+        owner.encrypt_dataset(cfg)
+    assert calls  # the flush thread did run
+    staged = owner.staging(cfg, 0).child("dataset")
+    assert not [name for name in staged.list() if name.endswith(".ffr")]
+    assert not owner.owner_location(cfg).exists(runstate.RECORD)  # not marked encrypted

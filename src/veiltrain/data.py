@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from veiltrain import npzfile
 from veiltrain.errors import ConfigError
 from veiltrain.sharing import MAX_ENCODED_ABS, MAX_ENCODED_BITS
 
@@ -103,9 +105,7 @@ def _npz_arrays(path: Path) -> dict[str, Array]:
             "numpy.savez(path, x=..., y=...) writes); check the path or re-save the data"
         )
     try:
-        # allow_pickle=False: an .npz from elsewhere must not be able to run code here.
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
+        arrays = npzfile.stored_arrays(path) or _loaded_arrays(path)
     except (ValueError, OSError, zipfile.BadZipFile) as exc:
         if "allow_pickle" in str(exc):
             raise ConfigError(
@@ -122,6 +122,12 @@ def _npz_arrays(path: Path) -> dict[str, Array]:
             f"--dataset {path}: members {odd} are not numpy arrays; re-save it with numpy.savez"
         )
     return arrays
+
+
+def _loaded_arrays(path: Path) -> dict[str, Array]:
+    # allow_pickle=False: an .npz from elsewhere must not be able to run code here.
+    with np.load(path, allow_pickle=False) as npz:
+        return {k: npz[k] for k in npz.files}
 
 
 def _check_labels(train: Array, test: Array, path: Path) -> list[str]:
@@ -286,20 +292,15 @@ class Standardizer:
     def fit(cls, x: Array, rows: int = 256) -> Standardizer:
         """Statistics of the training features (constant features keep scale 1), in float64
         over chunks of `rows` samples: two passes, no copy of the data set. Small chunks and
-        one reused buffer keep the temporaries in cache (10 -> 8.5 ms for 16 MB of float32)."""
+        one reused buffer keep the temporaries in cache (10 -> 8.5 ms for 16 MB of float32);
+        each half of the rows is summed in its own thread, as numpy's loops release the GIL
+        (the owner waits for this before the first record is encrypted)."""
         count = max(len(x), 1)
-        total = np.zeros(x.shape[1:])
-        for chunk in _chunks(x, rows):
-            total += chunk.sum(axis=0, dtype=np.float64)
-        mean = total / count
-        squares = np.zeros(x.shape[1:])
-        scratch = np.empty((min(rows, len(x)), *x.shape[1:]))
-        for chunk in _chunks(x, rows):
-            deviations = scratch[: len(chunk)]
-            np.subtract(chunk, mean, out=deviations)
-            np.square(deviations, out=deviations)
-            squares += deviations.sum(axis=0)
-        scale = np.sqrt(squares / count)
+        halves = [x[: len(x) // 2], x[len(x) // 2 :]]
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="veiltrain-fit") as pool:
+            mean = _added(pool.map(lambda part: _column_sums(part, rows), halves)) / count
+            deviations = pool.map(lambda part: _squared_deviations(part, mean, rows), halves)
+            scale = np.sqrt(_added(deviations) / count)
         return cls(mean, np.where(scale > 1e-12, scale, 1.0))
 
     @classmethod
@@ -312,6 +313,32 @@ class Standardizer:
         out = np.subtract(x, self.mean, dtype=np.float64)
         out /= self.scale
         return out
+
+
+def _added(parts: Iterable[Array]) -> Array:
+    first, *rest = parts
+    for part in rest:
+        first = first + part
+    return first
+
+
+def _column_sums(x: Array, rows: int) -> Array:
+    total = np.zeros(x.shape[1:])
+    for chunk in _chunks(x, rows):
+        total += chunk.sum(axis=0, dtype=np.float64)
+    return total
+
+
+def _squared_deviations(x: Array, mean: Array, rows: int) -> Array:
+    """Column sums of (x - mean)^2, through one scratch buffer of `rows` samples."""
+    squares = np.zeros(x.shape[1:])
+    scratch = np.empty((min(rows, len(x)), *x.shape[1:]))
+    for chunk in _chunks(x, rows):
+        deviations = scratch[: len(chunk)]
+        np.subtract(chunk, mean, out=deviations)
+        np.square(deviations, out=deviations)
+        squares += deviations.sum(axis=0)
+    return squares
 
 
 def _chunks(x: Array, rows: int) -> Iterator[Array]:
