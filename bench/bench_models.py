@@ -1,7 +1,8 @@
-"""The benchmark's models: veiltrain's built-ins and a small ResNet-style CNN with BatchNorm."""
+"""The benchmark's models: veiltrain's built-ins, a small ResNet-style CNN, a linear classifier."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -28,11 +29,18 @@ def resnet_style(in_channels: int = 3, num_classes: int = 10, width: int = 8) ->
     )
 
 
+def linear(in_features: int, num_classes: int = 10) -> nn.Module:
+    """A linear classifier on the flattened input: the cheapest step, so that the data-size
+    scaling runs whole epochs over large records in seconds."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(in_features, num_classes))
+
+
 # The model reference veiltrain's parties import (bench/ is put on their PYTHONPATH).
 REFERENCES = {
     "small-cnn": "small-cnn",
     "resnet-style": "bench_models:resnet_style",
     "resnet18": "resnet18",
+    "linear": "bench_models:linear",
 }
 
 
@@ -40,12 +48,19 @@ def kwargs_for(name: str, sample_shape: tuple[int, ...], classes: int) -> dict[s
     """The factory arguments veiltrain's owner would fill in for this data."""
     if name == "resnet-style":
         return {"in_channels": sample_shape[0], "num_classes": classes}
+    if name == "linear":
+        return {"in_features": math.prod(sample_shape), "num_classes": classes}
     return {"in_channels": sample_shape[0], "num_classes": classes, "image_size": sample_shape[-1]}
 
 
 def build(name: str, sample_shape: tuple[int, ...], classes: int, seed: int = 0) -> nn.Module:
     """The same network (and initial weights for one seed) that veiltrain builds for `name`."""
-    factories = {"small-cnn": SmallCNN, "resnet-style": resnet_style, "resnet18": ResNet18}
+    factories = {
+        "small-cnn": SmallCNN,
+        "resnet-style": resnet_style,
+        "resnet18": ResNet18,
+        "linear": linear,
+    }
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return factories[name](**kwargs_for(name, sample_shape, classes))

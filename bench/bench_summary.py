@@ -54,6 +54,10 @@ CASES = {
     ),
     "resnet18": ModelCase("resnet18", batch=32, stock_steps=2, warmup=1, lr=0.05, samples=96),
 }
+# Data-size scaling: one epoch of a linear model over 3x32x32 records (24 KiB of share each), so
+# that a process holding the data set would show it (1x is 48 MiB of party 0's share).
+SCALING = ModelCase("linear", batch=128, stock_steps=0, warmup=1, lr=0.05, samples=2048)
+SCALING_FACTORS = (1, 2, 4)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,6 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where parties train")
     p.add_argument(
         "--only-train", action="store_true", help="train_step_s and fidelity only (the GPU check)"
+    )
+    p.add_argument(
+        "--no-dispatch", action="store_true", help="skip dispatch_s (it starts a whole stack)"
     )
     return p.parse_args(argv)
 
@@ -190,6 +197,50 @@ def scaling_section(args: argparse.Namespace, work: Path, encrypt: dict[str, Any
     return {"owner_encrypt": points}
 
 
+def train_scaling(work: Path) -> list[dict[str, Any]]:
+    """One epoch at 1x, 2x and 4x the records: time per epoch and each process's peak RSS."""
+    points = []
+    for factor in SCALING_FACTORS:
+        samples = SCALING.samples * factor
+        log(f"scaling: train at {factor}x ({samples} records)")
+        folder = work / f"train-scale{factor}"
+        folder.mkdir()
+        npz = synthetic_npz(folder / "data.npz", samples, (3, 32, 32))
+        run = veiltrain_run(SCALING, str(npz), 1, folder)
+        steps = [e for e in run["events"] if e["event"] == "step" and e["party"] == "party 0"]
+        points.append(
+            {
+                "factor": factor,
+                "records": samples,
+                "share_mib": round(run["bytes_encoded"] / MIB, 1),
+                "steps": len(steps),
+                "epoch_s": round(sum(s["step_s"] for s in steps), 3),
+                "train_stage_s": run["stages"]["train"],
+                "peak_rss_mib": {k: max(v.values()) for k, v in party_memory(run).items()},
+            }
+        )
+    return points
+
+
+# ---------------------------------------------------------------------------------- dispatch
+
+
+def dispatch_section(work: Path) -> dict[str, Any]:
+    """bench_dispatch.py in a child process (it brings a whole stack up and down)."""
+    out = work / "dispatch.json"
+    child([sys.executable, str(BENCH / "bench_dispatch.py"), "--out", str(out)], 1800)
+    return dict(json.loads(out.read_text()))
+
+
+def _dispatch_or_error(work: Path) -> dict[str, Any]:
+    log("dispatch_s: a private stack, deployed, one run")
+    try:
+        return dispatch_section(work)
+    except (subprocess.SubprocessError, OSError, RuntimeError, ValueError) as exc:
+        log(f"dispatch_s failed: {exc}")  # every other figure is kept
+        return {"error": f"{type(exc).__name__}: {str(exc)[-800:]}"}
+
+
 # ------------------------------------------------------------------------------------ train
 
 
@@ -249,7 +300,8 @@ def veiltrain_run(
 ) -> dict[str, Any]:
     """veiltrain's stages in order, parties through bench/timed_party.py, then the report."""
     # Built-in models get their sizes from the data; a factory reference needs them given.
-    kwargs = kwargs_for(case.name, (3, 32, 32), 10) if case.name == "resnet-style" else {}
+    factory = ":" in REFERENCES[case.name]
+    kwargs = kwargs_for(case.name, (3, 32, 32), 10) if factory else {}
     cfg = load_config(
         dataset=dataset,
         model=REFERENCES[case.name],
@@ -432,6 +484,15 @@ def _data_goals(summary: dict[str, Any]) -> dict[str, Any]:
     out["owner_rss_flat"] = _goal(
         "owner peak RSS at 4x data <= 1.1x that at 1x", growth, (growth or 99) <= 1.1
     )
+    trained = summary["scaling"].get("train")
+    if trained:
+        first, last = trained[0]["peak_rss_mib"], trained[-1]["peak_rss_mib"]
+        worst = max((_ratio(last[k], first[k]) or 99 for k in first), default=None)
+        out["party_rss_flat"] = _goal(
+            "each party's and the dealer's peak RSS at 4x data <= 1.1x that at 1x",
+            worst,
+            (worst or 99) <= 1.1,
+        )
     return out
 
 
@@ -499,6 +560,7 @@ def markdown(summary: dict[str, Any]) -> str:
             f"{f['plaintext_rounding_accuracy_gap']} |"
         )
     lines += _scaling_rows(summary) if "scaling" in summary else []
+    lines += _dispatch_rows(summary)
     lines += ["", "| goal | target | measured | met |", "|---|---|---|---|"]
     for name, g in summary["goals"].items():
         lines.append(
@@ -532,7 +594,27 @@ def _scaling_rows(summary: dict[str, Any]) -> list[str]:
             for who, peaks in sorted(parties.items())
         )
         lines.append(f"| peak RSS MiB per process, {name} | {shown} |")
+    for p in summary["scaling"].get("train", []):
+        rss = ", ".join(f"{k} {v}" for k, v in sorted(p["peak_rss_mib"].items()))
+        lines.append(
+            f"| scaling {p['factor']}x ({p['records']} records, {p['share_mib']} MiB of share), "
+            f"linear model: epoch s ({p['steps']} steps) / train stage s / peak RSS MiB "
+            f"| {p['epoch_s']} / {p['train_stage_s']} / {rss} |"
+        )
     return lines
+
+
+def _dispatch_rows(summary: dict[str, Any]) -> list[str]:
+    d = summary.get("dispatch")
+    if not d:
+        return []
+    if "error" in d:
+        return [f"| dispatch s (deployment mode) | failed: {d['error'][:120]} |"]
+    stages = ", ".join(f"{k} {v}" for k, v in d["per_stage_s"].items())
+    return [
+        f"| dispatch s (deployment mode, {d['run']}): median / max over {d['stage_runs']} "
+        f"stage runs | {d['median_s']} / {d['max_s']} ({stages}) |"
+    ]
 
 
 def _train_rows(name: str, t: dict[str, Any]) -> list[str]:
@@ -579,6 +661,9 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     summary["rng_mib_s"] = rng["keystream_ring_mib_s"]
     summary["rng"] = rng
     summary["scaling"] = {**scaling_section(args, work, encrypt), "party_peak_rss_mib": memory}
+    summary["scaling"]["train"] = train_scaling(work)
+    summary["dispatch"] = None if args.no_dispatch else _dispatch_or_error(work)
+    summary["dispatch_s"] = (summary["dispatch"] or {}).get("median_s")
     summary["encrypt_runs"] = encrypt["runs"]
     summary["wall_s"] = round(time.time() - started, 1)
     summary["goals"] = goals(summary)
