@@ -59,7 +59,7 @@ unit: venv
 test: lint typecheck unit
 
 # BENCH_MODELS=small-cnn,resnet-style adds the ResNet-style CNN (1-4 more minutes on 2 cores);
-# resnet18 adds 8-17 minutes, most of them stock CrypTen's.
+# resnet18 adds 5-17 minutes, most of them stock CrypTen's. dispatch_s starts a private stack (~2 min).
 BENCH_MODELS ?= small-cnn
 
 bench: venv
