@@ -162,7 +162,8 @@ def test_write_rows_gives_the_bytes_of_one_write_per_row(store: Store) -> None:
     with store.writer("rows.ffr", 5) as writer:
         writer.write_rows(rows[:2])
         writer.write_rows(rows[2:2])  # nothing
-        writer.write_rows(rows[2:], sync=True)  # flushed to disk now: the same bytes
+        writer.write_rows(rows[2:])
+        writer.sync_data()  # flushed to disk now: the same bytes, and close still completes
     assert store.read_bytes("rows.ffr") == store.read_bytes("one.ffr")
     with store.writer("over.ffr", 4) as writer:
         with pytest.raises(SampleCountError, match="exceeded the number of samples"):

@@ -357,11 +357,11 @@ def test_a_failed_shard_write_surfaces_and_publishes_nothing(
     monkeypatch.setattr(owner, "_CHUNK_BYTES", 8 * 74 * 10)  # digits: 74 words, 10 rows a chunk
     original, calls = FileWriter.write_rows, []
 
-    def failing(self: FileWriter, rows: Any, sync: bool = False) -> None:
+    def failing(self: FileWriter, rows: Any) -> None:
         calls.append(len(rows))
         if len(calls) == 3:
             self._file = _FullDisk(self._file)
-        original(self, rows, sync)
+        original(self, rows)
 
     monkeypatch.setattr(FileWriter, "write_rows", failing)
     with pytest.raises(StoreError, match=r"shard-00000\.ffr: could not stage samples"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import zipfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -298,9 +298,10 @@ class Standardizer:
         count = max(len(x), 1)
         halves = [x[: len(x) // 2], x[len(x) // 2 :]]
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="veiltrain-fit") as pool:
-            mean = _added(pool.map(lambda part: _column_sums(part, rows), halves)) / count
-            deviations = pool.map(lambda part: _squared_deviations(part, mean, rows), halves)
-            scale = np.sqrt(_added(deviations) / count)
+            first, second = pool.map(lambda part: _column_sums(part, rows), halves)
+            mean = (first + second) / count
+            first, second = pool.map(lambda part: _squared_deviations(part, mean, rows), halves)
+            scale = np.sqrt((first + second) / count)
         return cls(mean, np.where(scale > 1e-12, scale, 1.0))
 
     @classmethod
@@ -313,13 +314,6 @@ class Standardizer:
         out = np.subtract(x, self.mean, dtype=np.float64)
         out /= self.scale
         return out
-
-
-def _added(parts: Iterable[Array]) -> Array:
-    first, *rest = parts
-    for part in rest:
-        first = first + part
-    return first
 
 
 def _column_sums(x: Array, rows: int) -> Array:

@@ -591,12 +591,8 @@ class FileWriter:
         self._pos += view.nbytes
         self.count += 1
 
-    def write_rows(self, rows: npt.NDArray[Any], sync: bool = False) -> None:
-        """Append each row of a C-contiguous 2-D array as one sample, in one write.
-
-        `sync` flushes the block to disk now (fdatasync), so that close's fsync has only the
-        header left: a writer thread then overlaps the flushing with its caller's next block.
-        """
+    def write_rows(self, rows: npt.NDArray[Any]) -> None:
+        """Append each row of a C-contiguous 2-D array as one sample, in one write."""
         if self._closed:
             raise ConfigError(f"{self.path}: FileWriter is closed; open a new one")
         if rows.ndim != 2 or not rows.flags.c_contiguous:
@@ -612,9 +608,6 @@ class FileWriter:
         view = rows.data.cast("B")
         try:
             self._file.write(view)
-            if sync:
-                self._file.flush()
-                _datasync(self._file.fileno())
         except STORE_FAILURES as exc:
             self._abort()
             raise _store_error(self.path, "stage samples for", exc) from exc
