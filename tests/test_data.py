@@ -137,6 +137,13 @@ def test_npz_with_infinite_test_features_is_refused(tmp_path: Path) -> None:
     _refused(path, "x_test")
 
 
+def test_finite_features_whose_sum_overflows_load(tmp_path: Path) -> None:
+    arrays = _xy()
+    arrays["x"] = np.full(arrays["x"].shape, 3e38, dtype=np.float32)  # the float32 sum is inf
+    path = _npz(tmp_path / "d.npz", **arrays)
+    assert np.isfinite(data.load(str(path), 0.25, 0, None).x_train).all()
+
+
 class _Bomb:
     """Unpickling this would run code; the loader must never get that far."""
 
@@ -250,6 +257,15 @@ def test_standardizer_uses_training_statistics_only() -> None:
     np.testing.assert_allclose(z.mean(axis=0), 0, atol=1e-12)
     np.testing.assert_allclose(z.std(axis=0), 1, atol=1e-12)
     np.testing.assert_allclose(scaler.apply(test), (test - train.mean(0)) / train.std(0))
+
+
+def test_the_one_pass_standardizer_holds_up_far_from_zero_and_past_an_outlier() -> None:
+    rng = np.random.default_rng(1)
+    train = np.column_stack([1e6 + rng.normal(0, 1e-2, 3000), rng.normal(0, 1, 3000)])
+    train[0, 1] = 1e6  # the first chunk's mean, the shift, is far from the rest
+    scaler = data.Standardizer.fit(train, rows=64)
+    np.testing.assert_allclose(scaler.mean, train.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(scaler.scale, train.std(axis=0), rtol=1e-9)
 
 
 def test_standardizer_keeps_constant_features_finite() -> None:

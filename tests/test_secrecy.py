@@ -8,7 +8,9 @@ test_isolation.py.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import hmac
 import json
 from pathlib import Path
 from typing import Any
@@ -265,6 +267,30 @@ def test_changed_contents_of_the_same_data_file_are_refused(tmp_path: Path) -> N
     np.savez(source, x=x + 0.5, y=y)
     with pytest.raises(ConfigError, match="data changed"):
         owner.encrypt_dataset(cfg)
+
+
+def _legacy(state: runstate.RunState, ds: data.Dataset) -> runstate.RunState:
+    """The record as a run encrypted before BLAKE3 stored it: HMAC-SHA256 over the same bytes."""
+    mac = hmac.new(state.key, digestmod=hashlib.sha256)
+    for array in (ds.x_train, ds.y_train, ds.x_test, ds.y_test):
+        mac.update(
+            json.dumps([str(array.dtype), list(array.shape)], separators=(",", ":")).encode()
+        )
+        mac.update(np.ascontiguousarray(array).tobytes())
+    mac.update(json.dumps(ds.classes, separators=(",", ":")).encode())
+    return dataclasses.replace(state, fingerprint=mac.hexdigest())
+
+
+def test_the_fingerprint_is_keyed_and_old_runs_keep_theirs(tmp_path: Path) -> None:
+    cfg = _encrypted(tmp_path / "run", max_samples=120)
+    state = runstate.require(Location(cfg.owner_store), cfg.run_id)
+    ds = data.load(cfg.dataset, cfg.test_fraction, cfg.seed, cfg.max_samples)
+    changed = dataclasses.replace(ds, x_source=ds.x_source + 1)
+    assert state.fingerprint.startswith("blake3:")
+    assert state.fingerprint != runstate.fingerprint(runstate.new_key(), ds)  # keyed
+    assert runstate.same_data(state, ds) and not runstate.same_data(state, changed)
+    old = _legacy(state, ds)
+    assert runstate.same_data(old, ds) and not runstate.same_data(old, changed)
 
 
 def test_a_rerun_reuses_the_encryption(tmp_path: Path) -> None:

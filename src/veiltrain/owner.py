@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import math
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
@@ -61,12 +61,12 @@ def encrypt_dataset(cfg: RunConfig) -> DatasetFacts:
         runstate.check_settings(previous, cfg)
     ds = data.load(cfg.dataset, cfg.test_fraction, cfg.seed, cfg.max_samples)
     if previous is not None:  # a rerun checks the data before it reuses anything
-        _check_same_data(cfg, previous, runstate.fingerprint(previous.key, ds))
+        _check_same_data(cfg, previous, ds)
         if _staged(cfg):
             return DatasetFacts.model_validate(previous.dataset)
     _check_warm_start(cfg, ds)
     key = previous.key if previous is not None else runstate.new_key()
-    order = _record_order(owner, len(ds.x_train), reuse=previous is not None)
+    order = _record_order(owner, ds.train_count, reuse=previous is not None)
     info, fingerprint = _encrypt(cfg, ds, order, key)
     runstate.save(owner, _run_state(cfg, previous, key, fingerprint, info))
     return info  # the run record is written last: it means the encryption is complete
@@ -86,8 +86,8 @@ def _encrypt(
     """Stage the shares; the keyed fingerprint and the private files are made meanwhile."""
     scaler = _scaler(cfg, ds)  # first: the fit keeps both cores busy itself
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="veiltrain-owner") as pool:
-        fingerprint = pool.submit(runstate.fingerprint, key, ds)  # HMAC runs outside the GIL
-        private = pool.submit(_save_private, cfg, ds, scaler)
+        fingerprint = pool.submit(runstate.fingerprint, key, ds)  # BLAKE3 runs outside the GIL
+        private = pool.submit(_save_private, cfg, ds, scaler, order)
         info = _stage_dataset(cfg, ds, order, scaler)
         private.result()
         return info, fingerprint.result()
@@ -112,8 +112,8 @@ def _run_state(
     )
 
 
-def _check_same_data(cfg: RunConfig, previous: runstate.RunState, fingerprint: str) -> None:
-    if fingerprint != previous.fingerprint:
+def _check_same_data(cfg: RunConfig, previous: runstate.RunState, ds: data.Dataset) -> None:
+    if not runstate.same_data(previous, ds):
         raise ConfigError(
             f"--dataset {cfg.dataset}: the data changed since run {cfg.run_id} was encrypted; "
             "its checkpoints were trained on the old data: start a new run (a new --run-id)"
@@ -135,14 +135,15 @@ def _record_order(owner: Location, count: int, reuse: bool) -> np.ndarray[Any, A
         if len(order) == count:
             return order
     keys = np.frombuffer(secrets.token_bytes(8 * count), dtype=np.uint64)
-    order = np.argsort(keys, kind="stable")
-    owner.write_bytes(PRIVATE_ORDER, _npz(order=order))
-    return order
+    return np.argsort(keys, kind="stable")  # stored with the private files, beside staging
 
 
 def _scaler(cfg: RunConfig, ds: data.Dataset) -> data.Standardizer:
     if cfg.standardize:
-        return data.Standardizer.fit(ds.x_train)
+        # Every source row a training row (a given test split): their order cannot change the
+        # statistics, so the source is read as it lies, without gathering.
+        every_row = ds.train_count == len(ds.x_source)
+        return data.Standardizer.fit(ds.x_source, index=None if every_row else ds.train_rows)
     return data.Standardizer.identity(ds.sample_shape)
 
 
@@ -157,31 +158,32 @@ def _stage_dataset(
         _clear(staging(cfg, party), "dataset")  # a rerun must not upload stale shards
     splitter = sharing.StreamSplitter(cfg.parties)
     rows = max(1, _CHUNK_BYTES // (8 * info.record_words))
-    shares = (
-        splitter.share0(
-            encode_records(
-                ds.x_train[idx], ds.y_train[idx], scaler, ds.num_classes, cfg.precision_bits
-            ),
-            in_place=True,
+    encoded = (
+        encode_records(
+            ds.train_features(idx), ds.y_train[idx], scaler, ds.num_classes, cfg.precision_bits
         )
         for idx in _chunks(order, rows)
     )
     with _ShardSink(staging(cfg, 0).child("dataset"), info.count, info.record_words) as shards:
-        _write_overlapped(shards, shares)
+        _write_overlapped(
+            lambda chunk: shards.write(splitter.share0(chunk, in_place=True)), encoded
+        )
         shards.close()
     _write_infos(cfg, info, splitter.seed_shares)
     return info
 
 
-def _write_overlapped(shards: _ShardSink, shares: Iterator[np.ndarray[Any, Any]]) -> None:
-    """Each chunk's write, CRCs and fsync (outside the GIL) in one writer thread while the next
-    chunk is encoded and masked: at most two chunks are held at a time."""
+def _write_overlapped(
+    finish: Callable[[np.ndarray[Any, Any]], None], chunks: Iterator[np.ndarray[Any, Any]]
+) -> None:
+    """Each encoded chunk is masked and written (`finish`, in order) in one writer thread while
+    the next one is encoded: at most two chunks are held at a time."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="veiltrain-shards") as writer:
         pending: Future[None] | None = None
-        for share in shares:
+        for chunk in chunks:
             if pending is not None:
                 pending.result()  # the writer's error surfaces here, in order
-            pending = writer.submit(shards.write, share)
+            pending = writer.submit(finish, chunk)
         if pending is not None:
             pending.result()
 
@@ -204,8 +206,9 @@ def encode_records(
     values = np.subtract(x.reshape(rows, -1), scaler.mean.reshape(-1), dtype=np.float64)
     np.divide(values, np.ldexp(scaler.scale.reshape(-1), -precision_bits), out=values)
     sharing.check_scaled(values, precision_bits)
-    out = np.zeros((rows, features + classes), dtype=np.int64)
+    out = np.empty((rows, features + classes), dtype=np.int64)
     np.rint(values, out=out[:, :features], casting="unsafe")
+    out[:, features:] = 0
     out[np.arange(rows), features + y] = 1 << precision_bits
     return out
 
@@ -216,14 +219,14 @@ def training_split(cfg: RunConfig) -> tuple[np.ndarray[Any, Any], np.ndarray[Any
     owner = owner_location(cfg)
     state = runstate.require(owner, cfg.run_id)
     ds = data.load(cfg.dataset, cfg.test_fraction, cfg.seed, cfg.max_samples)
-    if runstate.fingerprint(state.key, ds) != state.fingerprint:
+    if not runstate.same_data(state, ds):
         raise IntegrityError(
             f"--dataset {cfg.dataset}: changed since run {cfg.run_id} was encrypted; the "
             "plaintext comparison needs the same data: restore it, or start a new --run-id"
         )
     order = read_npz(owner, PRIVATE_ORDER)["order"]
     stats = read_npz(owner, PRIVATE_SCALER)
-    x = data.Standardizer(stats["mean"], stats["scale"]).apply(ds.x_train[order])
+    x = data.Standardizer(stats["mean"], stats["scale"]).apply(ds.train_features(order))
     return x.astype(np.float32), ds.y_train[order]
 
 
@@ -249,7 +252,7 @@ def _clear(loc: Location, prefix: str) -> None:
 def _dataset_info(ds: data.Dataset, record_words: int) -> DatasetFacts:
     # Shapes and counts are visible to parties by design (see the threat model).
     return DatasetFacts(
-        count=len(ds.x_train),
+        count=ds.train_count,
         record_words=record_words,
         sample_shape=ds.sample_shape,
         num_classes=ds.num_classes,
@@ -321,8 +324,11 @@ def _write_shards(loc: Location, share: np.ndarray[Any, Any]) -> None:
         sink.close()
 
 
-def _save_private(cfg: RunConfig, ds: data.Dataset, scaler: data.Standardizer) -> None:
+def _save_private(
+    cfg: RunConfig, ds: data.Dataset, scaler: data.Standardizer, order: np.ndarray[Any, Any]
+) -> None:
     owner = owner_location(cfg)
+    owner.write_bytes(PRIVATE_ORDER, _npz(order=order))
     owner.write_bytes(PRIVATE_TEST, _npz(x=scaler.apply(ds.x_test), y=ds.y_test))
     owner.write_bytes(PRIVATE_SCALER, _npz(mean=scaler.mean, scale=scaler.scale))
 
