@@ -268,6 +268,15 @@ def test_the_one_pass_standardizer_holds_up_far_from_zero_and_past_an_outlier() 
     np.testing.assert_allclose(scaler.scale, train.std(axis=0), rtol=1e-9)
 
 
+def test_the_standardizer_fits_the_rows_it_is_given_as_if_gathered() -> None:
+    x = np.random.default_rng(2).normal(5.0, 3.0, size=(700, 3, 2)).astype(np.float32)
+    rows = np.random.default_rng(3).permutation(700)[:450]
+    picked, gathered = data.Standardizer.fit(x, index=rows), data.Standardizer.fit(x[rows])
+    np.testing.assert_allclose(picked.mean, gathered.mean, rtol=1e-12)
+    np.testing.assert_allclose(picked.scale, gathered.scale, rtol=1e-12)
+    assert not np.allclose(picked.mean, data.Standardizer.fit(x).mean, rtol=1e-6)
+
+
 def test_standardizer_keeps_constant_features_finite() -> None:
     train = np.column_stack([np.full(10, 7.0), np.arange(10.0)])
     scaler = data.Standardizer.fit(train)

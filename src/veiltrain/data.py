@@ -81,9 +81,9 @@ def load(source: str, test_fraction: float, seed: int, max_samples: int | None) 
     if xt is None or yt is None:
         test_rows, rows = _holdout(rows, test_fraction, source)
         xt, yt = x[test_rows], y[test_rows]
-    x_train = _features(x)
+    features = _features(x)
     return Dataset(
-        x_train, rows, y[rows].astype(np.int64), _features(xt), yt.astype(np.int64), classes
+        features, rows, y[rows].astype(np.int64), _features(xt), yt.astype(np.int64), classes
     )
 
 
