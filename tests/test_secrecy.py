@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import blake3
 import numpy as np
 import pytest
 import torch
@@ -291,6 +292,15 @@ def test_the_fingerprint_is_keyed_and_old_runs_keep_theirs(tmp_path: Path) -> No
     assert runstate.same_data(state, ds) and not runstate.same_data(state, changed)
     old = _legacy(state, ds)
     assert runstate.same_data(old, ds) and not runstate.same_data(old, changed)
+    # The attack: a party that guesses the data set (a public one, say) hashes it without a key
+    # and looks for the digest, or for the owner's fingerprint, in everything it receives.
+    guesses = {state.fingerprint, state.fingerprint.removeprefix("blake3:")}
+    for unkeyed in (blake3.blake3(), hashlib.sha256()):
+        runstate._digest_split(unkeyed, ds)
+        guesses.add(unkeyed.hexdigest())
+    for party in range(2):
+        seen = _party_view(cfg, party)
+        assert not any(guess in text for guess in guesses for text in seen)
 
 
 def test_a_rerun_reuses_the_encryption(tmp_path: Path) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
@@ -337,17 +337,18 @@ class Standardizer:
         the rows is summed in its own thread, as numpy's loops release the GIL (the owner waits
         for this before the first record is encrypted; one pass instead of two: 4.8 -> 3.6 ms
         for 16 MB)."""
-        picked = np.arange(len(x)) if index is None else index
-        count = max(len(picked), 1)
-        first = _rows(x, picked[:rows], index)
-        shift = first.mean(axis=0, dtype=np.float64) if len(first) else np.zeros(x.shape[1:])
-        halves = [picked[: len(picked) // 2], picked[len(picked) // 2 :]]
+        count = len(x) if index is None else len(index)
+        take = _row_taker(x, index)
+        shift = take(0, rows).mean(axis=0, dtype=np.float64) if count else np.zeros(x.shape[1:])
+        middle = count // 2
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="veiltrain-fit") as pool:
             (sum_a, squares_a), (sum_b, squares_b) = pool.map(
-                lambda part: _shifted_moments(x, part, index, shift, rows), halves
+                lambda lo, hi: _shifted_moments(take, lo, hi, shift, rows),
+                (0, middle),
+                (middle, count),
             )
-        offset = (sum_a + sum_b) / count
-        scale = np.sqrt(np.maximum((squares_a + squares_b) / count - offset * offset, 0.0))
+        offset = (sum_a + sum_b) / max(count, 1)
+        scale = np.sqrt(np.maximum((squares_a + squares_b) / max(count, 1) - offset * offset, 0.0))
         return cls(shift + offset, np.where(scale > 1e-12, scale, 1.0))
 
     @classmethod
@@ -362,32 +363,27 @@ class Standardizer:
         return out
 
 
-def _rows(x: Array, picked: Array, index: Array | None) -> Array:
-    """x[picked], as a view when every row is taken in order (no index): a contiguous slice."""
+def _row_taker(x: Array, index: Array | None) -> Callable[[int, int], Array]:
+    """Rows lo..hi of x (a view), or of x[index], gathering only those rows."""
     if index is None:
-        return x[picked[0] : picked[-1] + 1] if len(picked) else x[:0]
-    return x[picked]
+        return lambda lo, hi: x[lo:hi]
+    return lambda lo, hi: x[index[lo:hi]]
 
 
 def _shifted_moments(
-    x: Array, picked: Array, index: Array | None, shift: Array, rows: int
+    take: Callable[[int, int], Array], lo: int, hi: int, shift: Array, rows: int
 ) -> tuple[Array, Array]:
-    """Column sums of (x - shift) and of its square over the rows `picked`, `rows` at a time,
-    through one scratch buffer."""
-    sums, squares = np.zeros(x.shape[1:]), np.zeros(x.shape[1:])
-    scratch = np.empty((min(rows, len(picked)), *x.shape[1:]))
-    for part in _chunks(picked, rows):
-        deviations = scratch[: len(part)]
-        np.subtract(_rows(x, part, index), shift, out=deviations)
+    """Column sums of (x - shift) and of its square over rows lo..hi, `rows` at a time, through
+    one scratch buffer."""
+    sums, squares = np.zeros(shift.shape), np.zeros(shift.shape)
+    scratch = np.empty((max(0, min(rows, hi - lo)), *shift.shape))
+    for start in range(lo, hi, rows):
+        deviations = scratch[: min(rows, hi - start)]
+        np.subtract(take(start, start + len(deviations)), shift, out=deviations)
         sums += deviations.sum(axis=0)
         np.square(deviations, out=deviations)
         squares += deviations.sum(axis=0)
     return sums, squares
-
-
-def _chunks(x: Array, rows: int) -> Iterator[Array]:
-    for first in range(0, len(x), rows):
-        yield x[first : first + rows]
 
 
 def one_hot(y: Array, num_classes: int) -> Array:
