@@ -285,9 +285,11 @@ def test_a_warm_started_run_continues_where_the_previous_one_ended(tmp_path: Pat
         decoded = sharing.decode(_sum(staged, name), cfg.precision_bits)
         np.testing.assert_array_equal(decoded.astype(np.float32), final[name].numpy())
     # Batch losses are noisy (batch 64: about +-0.15); a fresh model starts near ln 10 = 2.3.
+    # 0.6 below the first run's start is four noise widths from a fresh model; 1.0 failed once
+    # (2026-12-04, a fresh-clone CI run: the warm start at 1.35 against 2.30).
     start, before, after = second["losses"][0], first["losses"][0], first["losses"][-1]
     assert abs(start - after) < 0.5, (start, first["losses"])
-    assert start < before - 1.0, (start, first["losses"])
+    assert start < before - 0.6, (start, first["losses"])
     # The plaintext shadow started from the same model as the shares: parity holds.
     assert second["max_loss_gap"] < 0.05
     assert second["warm_start"] == "first"
