@@ -11,11 +11,15 @@ from __future__ import annotations
 import functools
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from veiltrain import losses, mpc, party, trainer
+from veiltrain.errors import VeiltrainError
 from veiltrain.party_data import PartyData
 
 # Timestamps of the current step, set by the wrappers below (one party process, one thread).
@@ -84,6 +88,8 @@ _PHASES = ("start", "data", "forward", "loss", "backward", "update")
 
 
 def _step_fields() -> dict[str, Any]:
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()  # CUDA kernels run asynchronously: time the step's real end
     end = time.perf_counter()
     if not all(k in _marks for k in _PHASES):
         return {}
@@ -105,6 +111,21 @@ def _timed_emit(fn: Callable[..., None]) -> Callable[..., None]:
     return emit
 
 
+def _traced(fn: Callable[..., None]) -> Callable[..., None]:
+    """run_party printing, into the bench's party log, where a translated failure came from."""
+
+    @functools.wraps(fn)
+    def run_party(*args: Any, **kwargs: Any) -> None:
+        try:
+            fn(*args, **kwargs)
+        except VeiltrainError as exc:
+            if exc.__cause__ is not None:
+                traceback.print_exception(exc.__cause__)
+            raise
+
+    return run_party
+
+
 def install() -> None:
     """Wrap the functions the training loop calls by module attribute (nothing else changes)."""
     PartyData.batch = _timed_batch(PartyData.batch)  # type: ignore[method-assign]
@@ -115,6 +136,7 @@ def install() -> None:
     timed = _timed_emit(trainer.emit)
     trainer.emit = timed
     party.emit = timed  # type: ignore[attr-defined]
+    party.run_party = _traced(party.run_party)
 
 
 if __name__ == "__main__":

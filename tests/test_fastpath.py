@@ -168,6 +168,50 @@ def test_conv2d_gradients_match_crypten_and_torch(crypten_single: Any, case: Any
     assert torch.allclose(fast[0].double() / 2**16, x.grad.double(), atol=1e-2)
 
 
+def _input_grads(
+    crypten: Any, plain_x: torch.Tensor, plain_g: torch.Tensor, forward: Callable[[Any], Any]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x's gradient through `forward` for gradient g, with CrypTen's operators, then veiltrain's."""
+
+    def grad() -> Any:
+        x = crypten.cryptensor(plain_x, requires_grad=True)
+        forward(x).backward(crypten.cryptensor(plain_g))
+        return x.grad
+
+    return _both(grad)
+
+
+AVG_POOLS = {
+    "2x2": ((2, 3, 8, 8), {"kernel_size": 2}),
+    "3x3 stride 2 padded": ((2, 4, 9, 7), {"kernel_size": 3, "stride": 2, "padding": 1}),
+    "global": ((3, 5, 4, 4), {"kernel_size": 4}),
+}
+
+
+@pytest.mark.parametrize("case", AVG_POOLS.values(), ids=AVG_POOLS)
+def test_avg_pool_gradient_is_crypten_word_for_word(crypten_single: Any, case: Any) -> None:
+    """One kernel over N C maps (a GPU's CUDALongTensor takes no groups) is CrypTen's depthwise
+    transposed convolution to the word, and torch's gradient within fixed-point error."""
+    shape, kwargs = case
+    gen = torch.Generator().manual_seed(14)
+    plain_x = torch.randn(shape, generator=gen)
+    plain_g = torch.randn(torch.nn.functional.avg_pool2d(plain_x, **kwargs).shape, generator=gen)
+    stock, fast = _input_grads(crypten_single, plain_x, plain_g, lambda x: x.avg_pool2d(**kwargs))
+    assert torch.equal(stock, fast)
+    x = plain_x.clone().requires_grad_()
+    torch.nn.functional.avg_pool2d(x, **kwargs).backward(plain_g)
+    assert torch.allclose(fast.double() / 2**16, x.grad.double(), atol=1e-3)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"dim": 1}, {"dim": 0, "keepdim": True}])
+def test_sum_gradient_is_crypten_word_for_word(crypten_single: Any, kwargs: Any) -> None:
+    gen = torch.Generator().manual_seed(15)
+    plain_x = torch.randn(3, 4, generator=gen)
+    plain_g = torch.randn(plain_x.sum(**kwargs).shape, generator=gen)
+    stock, fast = _input_grads(crypten_single, plain_x, plain_g, lambda x: x.sum(**kwargs))
+    assert torch.equal(stock, fast)
+
+
 def test_a_conv_on_the_data_skips_the_input_gradient(
     crypten_single: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

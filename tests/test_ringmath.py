@@ -130,3 +130,47 @@ def test_the_kernel_gradient_wraps_exactly(stride: int, padding: int, dilation: 
     assert torch.equal(
         ringmath.conv2d_weight(small_g, small_x, 3, padding, stride, dilation), reference.long()
     )
+
+
+class _Wrapped:
+    """Stands in for CrypTen's CUDALongTensor: a share that is no torch.Tensor, with `tensor()`."""
+
+    def __init__(self, data: torch.Tensor) -> None:
+        self._data = data
+
+    def tensor(self) -> torch.Tensor:
+        return self._data
+
+    @property
+    def shape(self) -> torch.Size:
+        return self._data.shape
+
+
+WIDE = {
+    "ResNet18's widest": ((1, 512, 4, 4), (8, 512, 3, 3), {"padding": 1}),
+    "strided, dilated": ((2, 6, 9, 8), (4, 6, 3, 2), {"stride": 2, "dilation": (1, 2)}),
+    "grouped": ((2, 8, 5, 5), (8, 2, 3, 3), {"groups": 4, "padding": 1}),
+}
+
+
+@pytest.mark.parametrize("case", WIDE.values(), ids=WIDE)
+def test_limb_convolutions_wrap_exactly_as_torch(case: Any) -> None:
+    """The path a GPU's shares take (16-bit limbs in float64) is torch's int64 result to the
+    word, at 4608 terms per output too, where CrypTen's 22-bit limbs pass 2^53."""
+    shape_x, shape_w, kwargs = case
+    gen = torch.Generator().manual_seed(shape_x[1])
+    x = torch.randint(-(2**63), 2**63 - 1, shape_x, dtype=torch.int64, generator=gen)
+    w = torch.randint(-(2**63), 2**63 - 1, shape_w, dtype=torch.int64, generator=gen)
+    out = ringmath.conv2d(_Wrapped(x), _Wrapped(w), **kwargs)
+    assert isinstance(out, _Wrapped)  # rewrapped as it came, as CrypTen expects
+    assert torch.equal(out.tensor(), torch.conv2d(x, w, **kwargs))
+    g = torch.randint(-(2**63), 2**63 - 1, out.shape, dtype=torch.int64, generator=gen)
+    # conv2d's own kernel transposes its output back to the input's channels (its gradient)
+    back = ringmath.conv_transpose2d(_Wrapped(g), w, **kwargs)
+    assert torch.equal(back.tensor(), torch.conv_transpose2d(g, w, **kwargs))
+
+
+def test_a_limb_product_past_exact_float64_sums_is_refused() -> None:
+    x = torch.zeros(1, 1, dtype=torch.int64)
+    with pytest.raises(ValueError, match="at most"):
+        ringmath.limb_product(torch.matmul, x, x, terms=1 << 21)

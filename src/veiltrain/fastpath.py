@@ -55,12 +55,13 @@ _BEAVER = "__beaver_protocol"  # a module-level name in crypten.mpc.primitives.b
 
 def _xor(self: Any, y: Any) -> Any:
     """x ^ y with one new tensor (CrypTen's copies x twice before XOR-ing in place)."""
+    from crypten.common.tensor_types import is_tensor
     from crypten.mpc.primitives.binary import BinarySharedTensor
 
     result = self.shallow_copy()
     if isinstance(y, BinarySharedTensor):
         result.share = self.share ^ y.share
-    elif torch.is_tensor(y) or isinstance(y, int):
+    elif is_tensor(y) or isinstance(y, int):  # CrypTen's test: a CUDALongTensor counts
         # A public operand is XOR-ed into party 0's share only; the others keep theirs.
         result.share = self.share ^ y if self.rank == 0 else _broadcast_copy(self.share, y)
     else:
@@ -70,6 +71,7 @@ def _xor(self: Any, y: Any) -> Any:
 
 def _and(self: Any, y: Any) -> Any:
     """x & y with one new tensor (a Beaver AND for a shared y, a local AND for a public one)."""
+    from crypten.common.tensor_types import is_tensor
     from crypten.mpc.primitives import beaver
     from crypten.mpc.primitives.binary import BinarySharedTensor
 
@@ -78,7 +80,7 @@ def _and(self: Any, y: Any) -> Any:
         # As CrypTen does: x is broadcast to y's shape first (the triple has x's size).
         result.share = _broadcast(self.share, y.share)
         result.share = beaver.AND(result, y).share
-    elif torch.is_tensor(y) or isinstance(y, int):
+    elif is_tensor(y) or isinstance(y, int):  # CrypTen's test: a CUDALongTensor counts
         result.share = self.share & y
     else:
         raise TypeError(f"Cannot AND {type(y)} with {type(self)}.")
@@ -177,6 +179,47 @@ def _conv2d_backward(ctx: Any, grad_output: Any) -> tuple[Any, Any]:
         input, grad_output, kernel.size(), padding=padding, stride=stride, dilation=dilation
     )
     return grad_input, grad_kernel
+
+
+def _sum_backward(ctx: Any, grad_output: Any) -> Any:
+    """CrypTen's sum gradient with its tensor of ones on the gradient's device (CrypTen's own
+    makes it on the CPU, which a CUDA share cannot be multiplied by); the same words."""
+    input_size, dim, keepdim = ctx.saved_tensors
+    if len(input_size) == 0:
+        return grad_output
+    if not keepdim and dim is not None:
+        grad_output = grad_output.unsqueeze(dim)
+    return grad_output.mul(torch.ones(input_size, device=grad_output.device))
+
+
+def _avg_pool2d_backward(ctx: Any, grad_output: Any) -> Any:
+    """CrypTen's average-pooling gradient with every channel of every sample as its own map.
+
+    CrypTen transposes a depthwise convolution (groups = C, the same 1 / (kh kw) kernel for
+    each channel), which CrypTen's CUDALongTensor refuses on a GPU (it takes groups == 1 only).
+    One (1, 1, kh, kw) kernel over N C single-channel maps is the same sums, hence the same
+    shares word for word (tests/test_fastpath.py), and runs on either device.
+    """
+    from crypten.cryptensor import CrypTensor
+    from crypten.gradients import _grad_input_padding
+
+    input_shape, _, kernel_size, padding, stride = ctx.saved_tensors
+    if not isinstance(grad_output, CrypTensor) or grad_output.dim() != 4:
+        return _ORIGINAL["avg_pool2d_backward"](ctx, grad_output)
+
+    n, c, *out_map = grad_output.size()
+    kernel = torch.ones(1, 1, *kernel_size, device=grad_output.device)
+    output_padding = _grad_input_padding(
+        grad_output, input_shape, stride, padding, kernel_size, dilation=[1] * len(stride)
+    )
+    grad = grad_output.reshape(n * c, 1, *out_map).conv_transpose2d(
+        kernel / (kernel_size[0] * kernel_size[1]),
+        bias=None,
+        stride=stride,
+        padding=padding,
+        output_padding=output_padding,
+    )
+    return grad.reshape(input_shape)
 
 
 def _batchnorm_backward(ctx: Any, grad_output: Any) -> tuple[Any, Any, Any]:
@@ -440,7 +483,12 @@ def _clone(self: Any) -> Any:
 def install() -> None:
     """Swap in the patches above (idempotent; `uninstall` restores CrypTen's own)."""
     from crypten.cryptensor import CrypTensor
-    from crypten.gradients import AutogradBatchNorm, AutogradConv2D
+    from crypten.gradients import (
+        AutogradAvgPool2D,
+        AutogradBatchNorm,
+        AutogradConv2D,
+        AutogradSum,
+    )
     from crypten.mpc import MPCTensor
     from crypten.mpc.primitives import beaver
     from crypten.mpc.primitives.arithmetic import ArithmeticSharedTensor
@@ -453,6 +501,8 @@ def install() -> None:
         and_=BinarySharedTensor.__and__,
         beaver=vars(beaver)[_BEAVER],
         conv2d_backward=AutogradConv2D.backward,
+        avg_pool2d_backward=AutogradAvgPool2D.backward,
+        sum_backward=AutogradSum.backward,
         ltz=MPCTensor._ltz,
         b2a=beaver.B2A_single_bit,
         getattribute=CrypTensor.__getattribute__,
@@ -466,6 +516,8 @@ def install() -> None:
     BinarySharedTensor.__and__ = _and
     setattr(beaver, _BEAVER, _beaver)  # beaver.mul, .conv2d, ... look it up by this name
     AutogradConv2D.backward = staticmethod(_conv2d_backward)
+    AutogradAvgPool2D.backward = staticmethod(_avg_pool2d_backward)
+    AutogradSum.backward = staticmethod(_sum_backward)
     AutogradBatchNorm.backward = staticmethod(_batchnorm_backward)
     AutogradBatchNorm.forward = staticmethod(_batchnorm_forward)
     MPCTensor._ltz = _ltz
@@ -486,7 +538,12 @@ def install() -> None:
 def uninstall() -> None:
     """Put CrypTen's own operators back (tests compare both)."""
     from crypten.cryptensor import CrypTensor
-    from crypten.gradients import AutogradBatchNorm, AutogradConv2D
+    from crypten.gradients import (
+        AutogradAvgPool2D,
+        AutogradBatchNorm,
+        AutogradConv2D,
+        AutogradSum,
+    )
     from crypten.mpc import MPCTensor
     from crypten.mpc.primitives import beaver
     from crypten.mpc.primitives.arithmetic import ArithmeticSharedTensor
@@ -498,6 +555,8 @@ def uninstall() -> None:
     BinarySharedTensor.__and__ = _ORIGINAL.pop("and_")
     setattr(beaver, _BEAVER, _ORIGINAL.pop("beaver"))
     AutogradConv2D.backward = staticmethod(_ORIGINAL.pop("conv2d_backward"))
+    AutogradAvgPool2D.backward = staticmethod(_ORIGINAL.pop("avg_pool2d_backward"))
+    AutogradSum.backward = staticmethod(_ORIGINAL.pop("sum_backward"))
     AutogradBatchNorm.backward = staticmethod(_ORIGINAL.pop("batchnorm_backward"))
     AutogradBatchNorm.forward = staticmethod(_ORIGINAL.pop("batchnorm_forward"))
     MPCTensor._ltz = _ORIGINAL.pop("ltz")

@@ -73,7 +73,9 @@ def row_max(values: Any) -> Any:
     rolled = [values.roll(shift, dims=1) for shift in range(1, classes)]
     diffs = crypten.stack([values.sub(other) for other in rolled])  # [r, n, i]: z_i - z_(i-r)
     # j = i - r (mod K) comes before i exactly when r <= i: there the test is strict (one ulp).
-    earlier = torch.tensor([[float(r <= i) for i in range(classes)] for r in range(1, classes)])
+    earlier = torch.tensor(
+        [[float(r <= i) for i in range(classes)] for r in range(1, classes)], device=values.device
+    )
     wins = diffs.sub(earlier.unsqueeze(1) / values.encoder.scale).ge(0.0)
     return values.mul(_product(wins)).sum(dim=1, keepdim=True)
 

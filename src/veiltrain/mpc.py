@@ -270,7 +270,7 @@ def load_shares(cmodel: Any, shares: Mapping[str, torch.Tensor], precision_bits:
 def export_shares(cmodel: Any) -> dict[str, torch.Tensor]:
     """This party's int64 share of every parameter and buffer, by state_dict key."""
     return {
-        name: _node_value(node).share.detach().to("cpu", copy=True).contiguous()
+        name: _host_copy(_node_value(node).share).contiguous()
         for name, node in parameter_nodes(cmodel).items()
     }
 
@@ -282,8 +282,15 @@ def from_shares(share: torch.Tensor, precision_bits: int) -> Any:
 
 def share_of(value: Any) -> torch.Tensor:
     """This party's int64 share of an MPCTensor: what a party may store, never a plaintext."""
-    share: torch.Tensor = value.share.detach().to("cpu", copy=True)  # stored from the CPU
-    return share
+    return _host_copy(value.share)  # stored from the CPU
+
+
+def _host_copy(share: Any) -> torch.Tensor:
+    """A CPU copy of a share; CrypTen wraps a CUDA share in a CUDALongTensor (no `detach`)."""
+    from crypten.cuda import CUDALongTensor
+
+    raw = share.tensor() if isinstance(share, CUDALongTensor) else share
+    return raw.detach().to("cpu", copy=True)  # type: ignore[no-any-return]
 
 
 # Above this many parameters the guard tests block sums instead of every gradient (ResNet18:

@@ -52,7 +52,12 @@ def broadcast_shape(a: tuple[int, ...], b: tuple[int, ...]) -> torch.Size:
 
 def matmul(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """torch.matmul for int64, a 2-D right operand first laid out as this CPU computes fastest."""
-    if y.dim() == 2 and x.dim() >= 2 and x.shape[-1] * y.shape[1] * x.shape[-2] >= _SMALL:
+    if (
+        _plain_cpu(y)
+        and y.dim() == 2
+        and x.dim() >= 2
+        and x.shape[-1] * y.shape[1] * x.shape[-2] >= _SMALL
+    ):
         y = y.t().contiguous().t() if _column_major_wins() else y.contiguous()
     return torch.matmul(x, y)
 
@@ -98,10 +103,65 @@ def _tap(offset: int, dilation: int, stride: int, positions: int) -> slice:
     return slice(start, start + stride * (positions - 1) + 1, stride)
 
 
+def _plain_cpu(t: Any) -> bool:
+    """A plain torch tensor on the CPU (not CrypTen's CUDALongTensor wrapper of a CUDA one)."""
+    return type(t) is torch.Tensor and t.device.type == "cpu"
+
+
 def _patches_apply(*tensors: torch.Tensor, groups: int, positions: int) -> bool:
     """Whether the patches product serves: plain CPU tensors, no groups, a small output map."""
-    plain = all(type(t) is torch.Tensor and t.device.type == "cpu" for t in tensors)
-    return plain and groups == 1 and 0 < positions <= _PATCH_POSITIONS
+    return all(_plain_cpu(t) for t in tensors) and groups == 1 and 0 < positions <= _PATCH_POSITIONS
+
+
+_LIMB_BITS = 16
+_LIMBS = 4
+_EXACT_TERMS = 1 << 21
+"""(2^16 - 1)^2 * 2^21 < 2^53: float64 sums of this many limb products are exact integers."""
+
+
+def _limbs(t: torch.Tensor) -> list[torch.Tensor]:
+    """t's four 16-bit limbs (unsigned, least significant first) as float64."""
+    mask = (1 << _LIMB_BITS) - 1
+    return [((t >> (_LIMB_BITS * k)) & mask).to(torch.float64) for k in range(_LIMBS)]
+
+
+def limb_product(
+    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    w: torch.Tensor,
+    terms: int,
+) -> torch.Tensor:
+    """fn(x, w) in Z/2^64 for a bilinear fn summing `terms` products per output, through float64
+    on any device (CUDA has no int64 convolution): 16-bit limbs a side, exact below 2^21 terms.
+
+    CrypTen's CUDALongTensor picks 22-bit limbs for any convolution whose kernel has fewer than
+    256 taps, whatever its channels: at 512 channels x 3 x 3 (4608 terms, ResNet18) its float64
+    sums pass 2^53 and lose low bits that its shifts carry up to 2^44 and more (ResNet18 on an
+    H200, 2026-12-04: a decrypted loss 2.8e9 off; the 64-channel models' 576-term sums mostly
+    stay below 2^53 and came out right).
+    """
+    if terms >= _EXACT_TERMS:
+        raise ValueError(f"a product summing {terms} terms per output (at most {_EXACT_TERMS - 1})")
+    xs, ws = _limbs(x), _limbs(w)
+    out = fn(xs[0], ws[0]).to(torch.int64)
+    for i in range(_LIMBS):
+        for j in range(_LIMBS - i):  # limbs shifted past bit 63 vanish mod 2^64
+            if i or j:
+                out += fn(xs[i], ws[j]).to(torch.int64) << (_LIMB_BITS * (i + j))
+    return out
+
+
+def _off_cpu(
+    fn: Callable[..., torch.Tensor], x: Any, w: Any, bias: Any, terms: int, **settings: Any
+) -> Any:
+    """A convolution of shares that are not plain CPU tensors, by limbs; CrypTen's wrapper of
+    a CUDA share (CUDALongTensor, not a torch.Tensor) is unwrapped and the result rewrapped."""
+    wrapper = next((type(t) for t in (x, w) if not isinstance(t, torch.Tensor)), None)
+    raw_x, raw_w = (t if isinstance(t, torch.Tensor) else t.tensor() for t in (x, w))
+    out = limb_product(lambda a, b: fn(a, b, **settings), raw_x, raw_w, terms)
+    if bias is not None:
+        out += bias.reshape(1, -1, *([1] * (out.dim() - 2)))
+    return out if wrapper is None else wrapper(out)
 
 
 def conv2d(  # noqa: PLR0917 (torch.conv2d's positional signature)
@@ -112,13 +172,17 @@ def conv2d(  # noqa: PLR0917 (torch.conv2d's positional signature)
     padding: Any = 0,
     dilation: Any = 1,
     groups: int = 1,
-) -> torch.Tensor:
+) -> Any:  # a CUDALongTensor for CrypTen's wrapped CUDA shares
     """torch.conv2d; an output map of a few positions as one product of patches and kernel."""
     (sh, sw), (ph, pw), (dh, dw) = pair(stride), pair(padding), pair(dilation)
     n, _, h, wd = x.shape
     out_channels, _, kh, kw = w.shape
     oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
     ow = (wd + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    if not (_plain_cpu(x) and _plain_cpu(w)):
+        settings = {"stride": (sh, sw), "padding": (ph, pw), "dilation": (dh, dw)}
+        terms = w.shape[1] * kh * kw
+        return _off_cpu(torch.conv2d, x, w, bias, terms, **settings, groups=groups)
     if bias is not None or not _patches_apply(x, w, groups=groups, positions=oh * ow):
         return torch.conv2d(x, w, bias, (sh, sw), (ph, pw), (dh, dw), groups)
     padded = torch.nn.functional.pad(x, (pw, pw, ph, ph))
@@ -139,12 +203,25 @@ def conv_transpose2d(  # noqa: PLR0917 (torch.conv_transpose2d's positional sign
     output_padding: Any = 0,
     groups: int = 1,
     dilation: Any = 1,
-) -> torch.Tensor:
+) -> Any:  # a CUDALongTensor for CrypTen's wrapped CUDA shares
     """torch.conv_transpose2d; a small input map as one product, its columns added back."""
     (sh, sw), (ph, pw), (dh, dw) = pair(stride), pair(padding), pair(dilation)
     (qh, qw) = pair(output_padding)
     n, _, gh, gw = g.shape
     _, in_channels, kh, kw = w.shape
+    if not (_plain_cpu(g) and _plain_cpu(w)):
+        settings = {"stride": (sh, sw), "padding": (ph, pw), "dilation": (dh, dw)}
+        terms = w.shape[0] // groups * kh * kw
+        return _off_cpu(
+            torch.conv_transpose2d,
+            g,
+            w,
+            bias,
+            terms,
+            **settings,
+            output_padding=(qh, qw),
+            groups=groups,
+        )
     if bias is not None or not _patches_apply(g, w, groups=groups, positions=gh * gw):
         return torch.conv_transpose2d(g, w, bias, (sh, sw), (ph, pw), (qh, qw), groups, (dh, dw))
     rows = g.permute(0, 2, 3, 1).reshape(n * gh * gw, -1)
