@@ -4,6 +4,7 @@
 # minutes on an H200-class card.
 #
 #   bash bench/device_check.sh     # writes $OUT/gpu/<model>/ (or bench/results/gpu/<model>/)
+#   BENCH_MODELS=small-cnn,resnet-style,resnet18 bash bench/device_check.sh   # ResNet18: 90 s more
 #
 # Needs a Python with a CUDA build of torch and veiltrain's other dependencies (the device
 # machine has no network: they travel as wheels, see NOTES "GPU check"); PYTHON picks it
@@ -30,7 +31,8 @@ fi
     || { echo "device_check: veiltrain's dependencies are missing from $PY (see NOTES, GPU check)" >&2; exit 2; }
 mkdir -p "$DEST"
 status=0
-for model in ${BENCH_MODELS:-small-cnn resnet-style}; do
+models=${BENCH_MODELS:-small-cnn,resnet-style}  # commas (as for make bench) or spaces
+for model in ${models//,/ }; do
     scratch=$(mktemp -d "${TMPDIR:-/tmp}/device-check-XXXXXX")
     echo "device_check: $model (at most $MODEL_S s) $(date +%T)"
     timeout "$MODEL_S" "$PY" bench/bench_summary.py --only-train --device "$DEVICE" --models "$model" \
