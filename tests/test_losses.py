@@ -54,6 +54,28 @@ def test_cross_entropy_matches_torch_from_uncertain_to_confident(
         assert abs(float(stock.get_plain_text()) - float(expected)) > 0.5
 
 
+@pytest.mark.parametrize("spread", [300.0, 3000.0])
+def test_cross_entropy_stays_exact_for_logits_spread_past_exps_range(
+    crypten_single: Any, spread: float
+) -> None:
+    """CrypTen's exp breaks below -256 (its (1 + x/256)^256 base turns negative); the floor at
+    -EXP_FLOOR keeps the loss and the gradient torch's, however far apart the logits are."""
+    logits, labels = _batch(1.0, seed=7)
+    logits[:, 3] += spread  # class 3 far ahead of every other: z - max near -spread elsewhere
+    logits[::2, 5] -= spread
+    target = torch.nn.functional.one_hot(labels, CLASSES).float()
+    terms, grad = losses.cross_entropy(
+        crypten_single.cryptensor(logits), crypten_single.cryptensor(target)
+    )
+    expected = float(torch.nn.functional.cross_entropy(logits.double(), labels))
+    assert abs(_finished(terms, ROWS) - expected) < 0.005
+    expected_grad = (logits.softmax(1) - target) / ROWS
+    assert float((grad.get_plain_text() - expected_grad).abs().max()) * ROWS < 0.01
+    # Without the floor, CrypTen's exp of the same shifted logits is garbage.
+    shifted = crypten_single.cryptensor(logits - logits.max(1, keepdim=True).values)
+    assert float(shifted.exp().get_plain_text().abs().max()) > 2.0
+
+
 def test_mse_matches_torch(crypten_single: Any) -> None:
     out, target = _batch(1.0, seed=3)[0], _batch(1.0, seed=4)[0]
     loss, grad = losses.value_and_grad(
