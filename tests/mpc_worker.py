@@ -142,6 +142,50 @@ def signs(rank: int, folder: Path, precision_bits: int) -> None:
     )
 
 
+def relu(rank: int, folder: Path, precision_bits: int) -> None:
+    """relu(a) and its gradient for g through autograd: veiltrain's dealt select, then CrypTen's
+    own; with everything this party received in the select's openings."""
+    from crypten.gradients import AutogradReLU
+
+    from veiltrain import chains, fastpath, mpc
+
+    opened: list[np.ndarray] = []
+    original = chains.open_masked
+
+    def recorded(masked: list[chains.Masked], *, binary: Any) -> list[torch.Tensor]:
+        result = original(masked, binary=binary)
+        opened.extend(o.reshape(-1).numpy().copy() for o in result)
+        return result
+
+    def run() -> tuple[np.ndarray, np.ndarray]:
+        with np.load(folder / f"in_{rank}.npz", allow_pickle=False) as data:
+            a, g = (mpc.from_shares(torch.from_numpy(data[k]), precision_bits) for k in "ag")
+        a.requires_grad = True
+        out = a.relu()
+        out.backward(g)
+        return mpc.share_of(out).numpy(), mpc.share_of(a.grad).numpy()
+
+    assert AutogradReLU.forward is fastpath._relu_forward, "the party runs without the select"
+    chains.open_masked = recorded
+    try:
+        out, grad = run()
+    finally:
+        chains.open_masked = original
+    words = opened[:]  # e (packed bits), x - a, then g - a'
+    AutogradReLU.forward = staticmethod(fastpath._ORIGINAL["relu_forward"])
+    AutogradReLU.backward = staticmethod(fastpath._ORIGINAL["relu_backward"])
+    stock_out, stock_grad = run()
+    np.savez(
+        folder / f"out_{rank}.npz",
+        out=out,
+        grad=grad,
+        stock_out=stock_out,
+        stock_grad=stock_grad,
+        bits=words[0],
+        masked=np.concatenate(words[1:]),
+    )
+
+
 def chains(rank: int, folder: Path, precision_bits: int) -> None:
     """Shares of exp(a) and inv_sqrt(b) from veiltrain's chains and from CrypTen's functions."""
     from crypten.cryptensor import CrypTensor
@@ -265,6 +309,8 @@ def _party_work(mode: str, rank: int, folder: Path, precision_bits: int, timeout
         signs(rank, folder, precision_bits)
     elif mode == "chains":
         chains(rank, folder, precision_bits)
+    elif mode == "relu":
+        relu(rank, folder, precision_bits)
     elif mode == "pooling":
         pooling(rank, folder, precision_bits)
     elif mode == "kernel-grad":

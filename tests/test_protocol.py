@@ -136,6 +136,15 @@ def test_both_ends_agree_on_the_size_of_the_dealer_s_answer(
     assert protocol.result_size(function, sizes, kwargs) == expected
 
 
+def test_the_dealer_s_select_answers_three_rows_and_takes_only_a_count() -> None:
+    assert protocol.result_size("select", [10], {}) == torch.Size((3, 10))
+    request = {"function": "select", "device": None, "args": [10], "kwargs": {}}
+    assert protocol.checked_request(request) == ("select", [10], {})
+    for count in ("10", -1, [10], 2.5):  # checked before any draw
+        with pytest.raises(PartyError, match="select"):
+            protocol._dealer_select(None, count)
+
+
 @pytest.mark.parametrize("extra", [0, 2000])
 def test_a_message_travels_in_one_frame_or_continues_in_a_second(
     monkeypatch: pytest.MonkeyPatch, extra: int

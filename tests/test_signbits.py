@@ -101,6 +101,38 @@ def test_parties_compute_signs_and_relu_as_crypten_does(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_relu_by_dealt_select_is_crypten_exactly_and_opens_only_uniform_words(
+    tmp_path: Path,
+) -> None:
+    """Forward and gradient equal CrypTen's ReLU word for word once decrypted; and the attack: a
+    party gets e = [x > 0] ^ r and masked words only. With every x positive (all bits 1), e is
+    still half ones, and no opened word is x, g, or their share."""
+    rng = np.random.default_rng(8)
+    values = np.abs(rng.normal(0.0, 10.0, size=(6, 250))) + 2.0**-16  # all positive: bits all 1
+    values[0, :7] = [2.0**-16, 1.0, 2.0**30, 3.5, 2.0**-15, 7.25, 100.0]
+    values[1] = -values[1]  # and a row of negatives
+    grads = rng.normal(0.0, 1.0, size=values.shape)
+    plain = [np.rint(v * 2.0**PRECISION_BITS).astype(np.int64) for v in (values, grads)]
+    shares = [sharing.split_full(v, 2) for v in plain]
+    for rank in range(2):
+        np.savez(tmp_path / f"in_{rank}.npz", a=shares[0][rank], g=shares[1][rank])
+    finished, _ = _run([0, 1, 2], 2, tmp_path, PARTY_TIMEOUT_S, 120, mode="relu")
+    assert all(f.returncode == 0 for f in finished), _report(finished)
+    outputs = [np.load(tmp_path / f"out_{rank}.npz") for rank in range(2)]
+    got = {k: sharing.reconstruct([o[k] for o in outputs]) for k in ("out", "grad")}
+    stock = {k: sharing.reconstruct([o[f"stock_{k}"] for o in outputs]) for k in ("out", "grad")}
+    np.testing.assert_array_equal(got["out"], stock["out"])
+    np.testing.assert_array_equal(got["grad"], stock["grad"])
+    np.testing.assert_array_equal(got["out"], np.where(values > 0, plain[0], 0))
+    np.testing.assert_array_equal(got["grad"], np.where(values > 0, plain[1], 0))
+    bits = np.unpackbits(outputs[0]["bits"].view(np.uint8))[: values.size]
+    assert abs(bits.mean() - 0.5) < 0.05  # 5 of 6 rows are 1s: unmasked, this would be 0.83
+    masked = outputs[0]["masked"]
+    for secret in (plain[0], plain[1], shares[0][1], shares[1][1]):
+        assert not np.isin(secret.reshape(-1), masked).any()
+
+
+@pytest.mark.slow
 def test_a_party_waiting_in_an_opening_times_out_by_name(tmp_path: Path) -> None:
     encoded = np.arange(-50, 50, dtype=np.int64) << PRECISION_BITS
     for rank, share in enumerate(sharing.split_full(encoded, 2)):

@@ -35,30 +35,40 @@ Masked = tuple[torch.Tensor, torch.Tensor]
 """A value's share and the triple share that masks it: x and a, opened as x - a (or x ^ a)."""
 
 
-def open_masked(pairs: list[Masked], *, binary: bool) -> list[torch.Tensor]:
+def open_masked(pairs: list[Masked], *, binary: bool | tuple[bool, ...]) -> list[torch.Tensor]:
     """Open masked values between two parties in one exchange (x - a and y - b, never a value).
 
     Each x - a is computed straight into the buffer that is sent (no copy of it). CrypTen's
     reveal_batch runs an all-reduce per tensor: 2.7 ms for two small ones here, where one
     isend/irecv pair of all of them took 0.44 ms and one exchange on the parties' own link
-    (veiltrain.peerlink) less again; products in a row are bound by this.
+    (veiltrain.peerlink) less again; products in a row are bound by this. `binary` is one mode
+    for every pair (XOR-masked bits or subtracted words) or one per pair.
     """
     shapes = [ringmath.broadcast_shape(x.shape, a.shape) for x, a in pairs]
     spans: list[tuple[int, int]] = []
     for shape in shapes:
         start = spans[-1][1] if spans else 0
         spans.append((start, start + math.prod(shape)))
+    modes = (binary,) * len(pairs) if isinstance(binary, bool) else binary
     mine = torch.empty(spans[-1][1] if spans else 0, dtype=torch.int64)
-    mask = torch.bitwise_xor if binary else torch.sub
-    for (x, a), (lo, hi), shape in zip(pairs, spans, shapes, strict=True):
-        mask(x, a, out=mine[lo:hi].view(shape))
+    for (x, a), (lo, hi), shape, xor in zip(pairs, spans, shapes, modes, strict=True):
+        (torch.bitwise_xor if xor else torch.sub)(x, a, out=mine[lo:hi].view(shape))
     link = peerlink.current()
     opened = link.exchange(mine) if link is not None else _through_gloo(mine)
-    if binary:
+    if len(set(modes)) == 1:
+        _unmask(opened, mine, modes[0] if modes else False)
+    else:
+        for (lo, hi), xor in zip(spans, modes, strict=True):
+            _unmask(opened[lo:hi], mine[lo:hi], xor)
+    return [opened[lo:hi].view(shape) for (lo, hi), shape in zip(spans, shapes, strict=True)]
+
+
+def _unmask(opened: torch.Tensor, mine: torch.Tensor, xor: bool) -> None:
+    """The other party's masked words combined with ours, in place: the opened values."""
+    if xor:
         opened ^= mine
     else:
         opened += mine
-    return [opened[lo:hi].view(shape) for (lo, hi), shape in zip(spans, shapes, strict=True)]
 
 
 def _through_gloo(mine: torch.Tensor) -> torch.Tensor:

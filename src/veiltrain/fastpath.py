@@ -414,13 +414,85 @@ def _sign_bits(value: Any, rank: int) -> Any:
     from crypten.mpc.primitives.binary import BinarySharedTensor
 
     share = value.share
-    # The dealer computes the triple while this party transposes its share.
-    gates = _PlaneGates(sum(signbits.triple_rows()), -(-share.numel() // signbits.WORD_BITS), rank)
-    sign = signbits.sign_planes(signbits.to_planes(share), rank, gates.and_)
+    sign = _sign_plane(share, rank)
     result = BinarySharedTensor.from_shares(
         signbits.from_plane(sign, share.numel()).reshape(share.shape)
     )
     result.encoder = value.encoder  # as CrypTen's A2B leaves it
+    return result
+
+
+def _sign_plane(share: torch.Tensor, rank: int) -> torch.Tensor:
+    """XOR shares of x < 0 for this party's share of x, packed 64 values to a word."""
+    # The dealer computes the triple while this party transposes its share.
+    gates = _PlaneGates(sum(signbits.triple_rows()), -(-share.numel() // signbits.WORD_BITS), rank)
+    return signbits.sign_planes(signbits.to_planes(share), rank, gates.and_)
+
+
+def _relu_forward(ctx: Any, input: Any) -> Any:
+    """CrypTen's ReLU, x * [x > 0], with a dealt select instead of a B2A and a Beaver product.
+
+    The parties open e = [x > 0] ^ r (packed bits, one word per 64 values) and d = x - a, where
+    the dealer dealt random bits r, masks a and a' and shares of r, r a and r a' (the gradient's
+    a' in the same request). Then [x > 0] = e + r - 2 e r, so [x > 0] x = e (d + a) +
+    (1 - 2e) r (d + a) is local. Opened: 1 word and 1 bit a value in one round, where CrypTen's
+    B2A and product opened 3 words in two; the gradient opens g - a' alone (1 word, not 2). The
+    bit has scale 1, as in CrypTen: the result is CrypTen's value exactly. Elsewhere (a GPU,
+    three parties, active security, an empty tensor): CrypTen's own. A party keeps r, r a', a'
+    and the packed e for the gradient: 3 words a value where CrypTen kept its 1-word mask.
+    """
+    import crypten.communicator as comm
+    from crypten.config import cfg
+
+    share = input._tensor.share
+    if cfg.mpc.active_security or not chains.on_two_cpu_parties(share) or not share.numel():
+        return _ORIGINAL["relu_forward"](ctx, input)
+    rank = comm.get().get_rank()
+    # x > 0 is -x < 0, as CrypTen's gt(0) computes it (its -x + 0 adds nothing to a share).
+    bits = _sign_plane(share.neg(), rank)
+    r, a, a_next, pending = protocol.select_parts(share.numel())
+    e, d = chains.open_masked([(bits, r), (share.reshape(-1), a)], binary=(True, False))
+    rows = pending()  # this party's shares of r, r a and r a'
+    out = _Selector(e, rows[0], rank).select(d, a, rows[1])
+    kept = rows[0::2].clone()  # r and r a' for the gradient; r a goes (activation-sized)
+    ctx.save_multiple_for_backward((_Selector(e, kept[0], rank), a_next, kept[1]))
+    return _like(input, out.reshape(share.shape))
+
+
+def _relu_backward(ctx: Any, grad_output: Any) -> Any:
+    """The gradient g * [x > 0] with the forward's select: only g - a' is opened."""
+    saved = ctx.saved_tensors
+    if not isinstance(saved[0], _Selector):
+        return _ORIGINAL["relu_backward"](ctx, grad_output)
+    selector, a_next, ra_next = saved
+    share = grad_output._tensor.share
+    (d,) = chains.open_masked([(share.reshape(-1), a_next)], binary=False)
+    return _like(grad_output, selector.select(d, a_next, ra_next).reshape(share.shape))
+
+
+class _Selector:
+    """One party's side of a dealt select: the opened bits e (packed) and its share of r."""
+
+    def __init__(self, e: torch.Tensor, r: torch.Tensor, rank: int) -> None:
+        self.e, self.r, self.rank = e, r, rank
+
+    def select(self, d: torch.Tensor, a: torch.Tensor, ra: torch.Tensor) -> torch.Tensor:
+        """This party's share of [e ^ r] (d + a), from the opened d = x - a and its shares of
+        a and r a: e (d + a) + (1 - 2e) (d r + r a), the public e d counted by party 0 alone."""
+        e = signbits.from_plane(self.e, len(d))
+        own = a + d if self.rank == 0 else a.clone()
+        own *= e
+        own += (1 - 2 * e) * (d * self.r + ra)
+        return own
+
+
+def _like(value: Any, share: torch.Tensor) -> Any:
+    """An MPCTensor with `value`'s encoder around this party's new share."""
+    from crypten.mpc.primitives.arithmetic import ArithmeticSharedTensor
+    from crypten.mpc.ptype import ptype as Ptype
+
+    result = _wrapped(ArithmeticSharedTensor.from_shares(share, precision=0), Ptype.arithmetic)
+    result.encoder = value.encoder
     return result
 
 
@@ -487,6 +559,7 @@ def install() -> None:
         AutogradAvgPool2D,
         AutogradBatchNorm,
         AutogradConv2D,
+        AutogradReLU,
         AutogradSum,
     )
     from crypten.mpc import MPCTensor
@@ -503,6 +576,8 @@ def install() -> None:
         conv2d_backward=AutogradConv2D.backward,
         avg_pool2d_backward=AutogradAvgPool2D.backward,
         sum_backward=AutogradSum.backward,
+        relu_forward=AutogradReLU.forward,
+        relu_backward=AutogradReLU.backward,
         ltz=MPCTensor._ltz,
         b2a=beaver.B2A_single_bit,
         getattribute=CrypTensor.__getattribute__,
@@ -518,6 +593,8 @@ def install() -> None:
     AutogradConv2D.backward = staticmethod(_conv2d_backward)
     AutogradAvgPool2D.backward = staticmethod(_avg_pool2d_backward)
     AutogradSum.backward = staticmethod(_sum_backward)
+    AutogradReLU.forward = staticmethod(_relu_forward)
+    AutogradReLU.backward = staticmethod(_relu_backward)
     AutogradBatchNorm.backward = staticmethod(_batchnorm_backward)
     AutogradBatchNorm.forward = staticmethod(_batchnorm_forward)
     MPCTensor._ltz = _ltz
@@ -542,6 +619,7 @@ def uninstall() -> None:
         AutogradAvgPool2D,
         AutogradBatchNorm,
         AutogradConv2D,
+        AutogradReLU,
         AutogradSum,
     )
     from crypten.mpc import MPCTensor
@@ -557,6 +635,8 @@ def uninstall() -> None:
     AutogradConv2D.backward = staticmethod(_ORIGINAL.pop("conv2d_backward"))
     AutogradAvgPool2D.backward = staticmethod(_ORIGINAL.pop("avg_pool2d_backward"))
     AutogradSum.backward = staticmethod(_ORIGINAL.pop("sum_backward"))
+    AutogradReLU.forward = staticmethod(_ORIGINAL.pop("relu_forward"))
+    AutogradReLU.backward = staticmethod(_ORIGINAL.pop("relu_backward"))
     AutogradBatchNorm.backward = staticmethod(_ORIGINAL.pop("batchnorm_backward"))
     AutogradBatchNorm.forward = staticmethod(_ORIGINAL.pop("batchnorm_forward"))
     MPCTensor._ltz = _ORIGINAL.pop("ltz")

@@ -37,8 +37,8 @@ _SLACK_WORDS = 2
 MAX_MESSAGE_BYTES = 1 << 20
 """Dealer requests and size messages are a few hundred bytes; refuse anything near this."""
 
-TTP_FUNCTIONS = frozenset({"additive", "square", "binary", "wraps", "B2A"})
-"""What the dealer serves: CrypTen's TTP functions, nothing else by name."""
+TTP_FUNCTIONS = frozenset({"additive", "square", "binary", "wraps", "B2A", "select"})
+"""What the dealer serves: CrypTen's TTP functions and veiltrain's `select`, nothing else."""
 TTP_OPS = frozenset(
     {"mul", "matmul", "conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d", "conv2d_weight"}
 )
@@ -296,6 +296,8 @@ def result_size(function: str, args: Sequence[Any], kwargs: dict[str, Any]) -> t
         return torch.Size(_product_size(op, tuple(size0), tuple(size1), kwargs))
     if function == "binary":
         return _broadcast(tuple(args[0]), tuple(args[1]))
+    if function == "select":
+        return torch.Size((3, int(args[0])))
     return torch.Size(tuple(args[0]))
 
 
@@ -463,6 +465,34 @@ def b2a_parts(size: Any) -> tuple[torch.Tensor, Pending]:
     return r_binary, _draws(generator, comm.get().get_rank(), "B2A", size)
 
 
+def select_parts(count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Pending]:
+    """This party's part of a dealt select for `count` values: its XOR share of random bits r
+    packed 64 to a word, its shares of two masks a and a' now, and (3, count) shares of r, r a
+    and r a' when asked. With e = bit ^ r and d = x - a opened, [bit x] is local (fastpath)."""
+    import crypten.communicator as comm
+    from crypten.mpc.provider.ttp_provider import TTPClient
+
+    generator = TTPClient.get().get_generator(device=None)
+    r = kbit_random_tensor((-(-count // 64),), generator=generator)
+    a = random_ring_element((count,), generator=generator)
+    a_next = random_ring_element((count,), generator=generator)
+    return r, a, a_next, _draws(generator, comm.get().get_rank(), "select", count)
+
+
+def _dealer_select(self: Any, count: int) -> torch.Tensor:
+    """Party 0's (3, count) shares of r, r a and r a' for the bits r and masks a, a' that every
+    party drew (`select_parts`, the same draws in the same order)."""
+    from veiltrain import signbits
+
+    if not isinstance(count, int) or count < 0:
+        raise PartyError(f"the dealer: a select of {count!r} values")
+    packed = self._get_binary_PRSS((-(-count // 64),))
+    a, a_next = self._get_additive_PRSS((count,)), self._get_additive_PRSS((count,))
+    r = signbits.from_plane(packed, count)
+    rows = torch.stack([r, r * a, r * a_next])
+    return rows.sub_(self._get_additive_PRSS(rows.size(), remove_rank=True))
+
+
 def _dealer_additive(self: Any, size0: Any, size1: Any, op: str, *args: Any, **kwargs: Any) -> Any:
     """The dealer's c0 = a b - c1 - ... (CrypTen's `TTPServer.additive`, the product in
     veiltrain.ringmath's faster layout; the same draws in the same order)."""
@@ -624,6 +654,7 @@ def install() -> None:
     ttp_provider.TrustedThirdParty.generate_additive_triple = _additive_triple
     ttp_provider.TTPServer._setup_generators = _server_setup_generators
     ttp_provider.TTPServer.additive = _dealer_additive
+    ttp_provider.TTPServer.select = _dealer_select
     ttp_provider.TTPServer._get_additive_PRSS = _dealer_prss
     DistributedCommunicator.send_obj = send_obj
     DistributedCommunicator.recv_obj = recv_obj
