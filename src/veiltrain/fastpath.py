@@ -25,6 +25,10 @@
 - exp and the inverse square root (BatchNorm's): CrypTen's approximations as chains of products
   whose triples come in one dealer request (veiltrain.chains).
 - Max pooling as a tournament (veiltrain.pooling): k - 1 comparisons a window of k, not k^2.
+- ReLU under autograd as a dealt select (two parties, CPU): the sign bit ^ r (packed) and x - a
+  opened in one exchange instead of a B2A and a Beaver product; the gradient opens g - a' only.
+- On a GPU: the average-pooling and sum gradients without the grouped convolution and the
+  CPU-made ones that CrypTen's own use (the same words on the CPU).
 - Shallow copies and clones without the empty sharing CrypTen builds and drops (`_wrapped`);
   products of two shared tensors without a clone of x's share that the product overwrites.
 - BatchNorm gradients with 3 full-size products instead of 6; no input gradient for a conv whose
