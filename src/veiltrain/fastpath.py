@@ -457,10 +457,10 @@ def _relu_forward(ctx: Any, input: Any) -> Any:
     r, a, a_next, pending = protocol.select_parts(share.numel())
     e, d = chains.open_masked([(bits, r), (share.reshape(-1), a)], binary=(True, False))
     rows = pending()  # this party's shares of r, r a and r a'
-    out = _Selector(e, rows[0], rank).select(d, a, rows[1])
     kept = rows[0::2].clone()  # r and r a' for the gradient; r a goes (activation-sized)
-    ctx.save_multiple_for_backward((_Selector(e, kept[0], rank), a_next, kept[1]))
-    return _like(input, out.reshape(share.shape))
+    selector = _Selector(e, kept[0], rank)
+    ctx.save_multiple_for_backward((selector, a_next, kept[1]))
+    return _like(input, selector.select(d, a, rows[1]).reshape(share.shape))
 
 
 def _relu_backward(ctx: Any, grad_output: Any) -> Any:
