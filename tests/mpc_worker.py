@@ -267,6 +267,43 @@ def openings(rank: int, folder: Path, precision_bits: int) -> None:
     )
 
 
+def layers(rank: int, folder: Path, precision_bits: int) -> None:
+    """A convolution, BatchNorm and ReLU, forward and backward through CrypTen's autograd: the
+    output and gradients, and every word this party received in an opening, by opening."""
+    from veiltrain import chains, mpc
+
+    opened: list[np.ndarray] = []
+    original = chains.open_masked
+
+    def recorded(masked: list[chains.Masked], *, binary: Any) -> list[torch.Tensor]:
+        result = original(masked, binary=binary)
+        # Whole words x - a only (the select opens its packed bits beside its x - a).
+        modes = (binary,) * len(result) if isinstance(binary, bool) else binary
+        words = (o for o, xor in zip(result, modes, strict=True) if not xor)
+        opened.extend(o.reshape(-1).numpy().copy() for o in words)
+        return result
+
+    with np.load(folder / f"in_{rank}.npz", allow_pickle=False) as data:
+        x, kernel, weight, bias, g = (
+            mpc.from_shares(torch.from_numpy(data[k]), precision_bits)
+            for k in ("x", "kernel", "weight", "bias", "g")
+        )
+    for parameter in (kernel, weight, bias):
+        parameter.requires_grad = True
+    chains.open_masked = recorded
+    try:
+        out = x.conv2d(kernel, padding=1).batchnorm(weight, bias, training=True).relu()
+        out.backward(g)
+    finally:
+        chains.open_masked = original
+    results = {"out": out, "kernel_grad": kernel.grad, "weight_grad": weight.grad}
+    np.savez(
+        folder / f"out_{rank}.npz",
+        **{k: mpc.share_of(v).numpy() for k, v in results.items()},
+        **{f"opened_{i}": words for i, words in enumerate(opened)},
+    )
+
+
 def main(argv: list[str]) -> int:
     rank, world_size = int(argv[0]), int(argv[1])
     rendezvous, timeout_s, folder = argv[2], float(argv[3]), Path(argv[4])
@@ -317,6 +354,8 @@ def _party_work(mode: str, rank: int, folder: Path, precision_bits: int, timeout
         kernel_grad(rank, folder, precision_bits)
     elif mode == "openings":
         openings(rank, folder, precision_bits)
+    elif mode == "layers":
+        layers(rank, folder, precision_bits)
     elif mode == "signs-stalled":
         if rank == 1:
             time.sleep(timeout_s + 5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 from typing import Any
 
 import numpy as np
@@ -166,3 +167,79 @@ def test_a_message_travels_in_one_frame_or_continues_in_a_second(
     monkeypatch.setattr(protocol.dist, "recv", recv)
     assert protocol.recv_obj(Channel(), src=0) == value
     assert not sent
+
+
+def _kept(masks: Any, drop: Any = None, function: str = "additive") -> dict[str, Any]:
+    args: list[Any] = [[2], [2], "mul"] if function == "additive" else [[2]]
+    message = {"function": function, "device": None, "args": args, "kwargs": {}}
+    return {**message, "masks": masks, "drop": [] if drop is None else drop}
+
+
+def test_kept_mask_requests_are_checked_before_any_draw() -> None:
+    good = _kept([["new", 0], ["old", 3]], drop=[1, 2])
+    assert protocol.checked_request(good) == ("additive", [[2], [2], "mul"], {})
+    bad = [
+        _kept([["new", 0]]),
+        _kept([["new", 0], ["again", 1]]),
+        _kept([["new", -1], ["new", 1]]),
+        _kept([["new", True], ["new", 1]]),
+        _kept([["new", "0"], ["new", 1]]),
+        _kept([["new", 0], ["new", 1]], drop="all"),
+        _kept([["new", 0], ["new", 1]], drop=[-2]),
+        _kept([["new", 0], ["new", 1]], function="square"),
+        {**_kept([["new", 0], ["new", 1]]), "drop": None},
+    ]
+    for message in bad:
+        with pytest.raises(PartyError, match="kept masks"):
+            protocol.checked_request(message)
+
+
+class _Dealer:
+    """The dealer's state that kept triples use: one stream per party, as TTPServer has."""
+
+    device = "cpu"
+    _get_additive_PRSS = protocol._dealer_prss
+
+    def __init__(self, keys: list[bytes]) -> None:
+        self.generators = [protocol.KeyStream(k) for k in keys]
+
+    def _get_generators(self, device: Any = None) -> list[protocol.KeyStream]:
+        return self.generators
+
+
+def test_kept_triples_are_built_on_the_masks_the_parties_kept() -> None:
+    # Both parties draw a fresh operand's mask share from their stream with the dealer, keep
+    # it, and later products name it: c0 + c1 must be op(a, b) of the masks the parties hold.
+    keys = [secrets.token_bytes(protocol.KEY_BYTES) for _ in range(2)]
+    dealer, streams = _Dealer(keys), [protocol.KeyStream(k) for k in keys]
+    held: dict[int, list[torch.Tensor]] = {}
+
+    def product(specs: list[list[Any]], sizes: list[list[int]], op: str) -> None:
+        masks = []
+        for (kind, handle), size in zip(specs, sizes, strict=True):
+            if kind == "new":
+                held[handle] = [s.words(int(np.prod(size))).reshape(size) for s in streams]
+            masks.append(held[handle])
+        message = {"function": "additive", "args": [*sizes, op], "kwargs": {}}
+        c0 = protocol._answer(dealer, {**message, "masks": specs, "drop": []})
+        c1 = streams[1].words(c0.numel()).reshape(c0.shape)
+        a, b = (m[0] + m[1] for m in masks)
+        assert torch.equal(c0 + c1, getattr(torch, op)(a, b))
+
+    product([["new", 0], ["new", 1]], [[3, 4], [4, 2]], "matmul")
+    product([["old", 0], ["new", 2]], [[3, 4], [4]], "mul")  # x's mask again, a fresh b
+    product([["old", 1], ["old", 1]], [[4, 2], [4, 2]], "mul")  # a square of a kept mask
+    product([["new", 3], ["old", 3]], [[5], [5]], "mul")  # x * x: one mask, drawn once
+    assert len(protocol.dealt_masks(dealer)) == 4
+    wrong = [
+        ([["new", 3], ["new", 4]], [[5], [5]], "handle 3"),  # a handle given twice
+        ([["old", 0], ["new", 5]], [[4, 3], [4, 3]], "no kept mask 0"),  # another size
+        ([["old", 9], ["new", 5]], [[5], [5]], "no kept mask 9"),
+    ]
+    for specs, sizes, error in wrong:
+        message = {"function": "additive", "args": [*sizes, "mul"], "kwargs": {}}
+        with pytest.raises(PartyError, match=error):
+            protocol._answer(dealer, {**message, "masks": specs, "drop": []})
+    dropped = {"function": "additive", "args": [[5], [5], "mul"], "kwargs": {}, "drop": [0, 3]}
+    protocol._answer(dealer, {**dropped, "masks": [["new", 6], ["new", 7]]})
+    assert len(protocol.dealt_masks(dealer)) == 4  # 0 and 3 went, 6 and 7 came

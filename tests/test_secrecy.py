@@ -19,6 +19,7 @@ import blake3
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load as load_safetensors
 
 from veiltrain import data, models, owner, runstate
@@ -351,3 +352,58 @@ def test_a_party_learns_only_uniform_words_from_the_openings(tmp_path: Path) -> 
     bits = seen["bits"]  # B2A: one masked bit a value
     assert set(np.unique(bits)) == {0, 1}
     assert abs(bits.mean() - 0.5) < 5 * 0.5 / np.sqrt(len(bits))
+
+
+def _layer_inputs(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    return {
+        "x": rng.normal(size=(4, 3, 8, 8)),  # 768 values: no other tensor has this size
+        "kernel": 0.3 * rng.normal(size=(5, 3, 3, 3)),
+        "weight": 1.0 + 0.1 * rng.normal(size=5),
+        "bias": 0.1 * rng.normal(size=5),
+        "g": 0.1 * rng.normal(size=(4, 5, 8, 8)),  # 1280, the layer's output size
+    }
+
+
+def _torch_layers(values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    learnt = {"kernel", "weight", "bias"}
+    t = {k: torch.tensor(v, requires_grad=k in learnt) for k, v in values.items()}
+    hidden = F.conv2d(t["x"], t["kernel"], padding=1)
+    out = torch.relu(F.batch_norm(hidden, None, None, t["weight"], t["bias"], training=True))
+    out.backward(t["g"])
+    return {"out": out, "kernel_grad": t["kernel"].grad, "weight_grad": t["weight"].grad}
+
+
+@pytest.mark.slow
+def test_kept_openings_open_each_value_once_and_no_mask_twice(tmp_path: Path) -> None:
+    # The attack: party 1 records every word opened to it while the parties run a convolution,
+    # BatchNorm and ReLU forward and backward, the products of a training step. A mask used
+    # for two different values shows in the difference of the two openings (v1 - a) - (v2 - a):
+    # a small number where fresh masks leave uniform words. Kept openings (veiltrain.openings)
+    # must not be that: a value that enters several products is opened once, and never again.
+    from test_mpc import PARTY_TIMEOUT_S, PRECISION_BITS, _report, _run
+    from veiltrain import sharing
+
+    values = _layer_inputs(np.random.default_rng(7))
+    encoded = {k: np.rint(v * 2.0**PRECISION_BITS).astype(np.int64) for k, v in values.items()}
+    split = {k: sharing.split_full(v, 2) for k, v in encoded.items()}
+    for rank in range(2):
+        np.savez(tmp_path / f"in_{rank}.npz", **{k: v[rank] for k, v in split.items()})
+    finished, _ = _run([0, 1, 2], 2, tmp_path, PARTY_TIMEOUT_S, 120, mode="layers")
+    assert all(f.returncode == 0 for f in finished), _report(finished)
+    outputs = [np.load(tmp_path / f"out_{rank}.npz") for rank in range(2)]
+    expected = _torch_layers(values)
+    for name, want in expected.items():
+        got = sharing.reconstruct([o[name] for o in outputs]) / 2.0**PRECISION_BITS
+        np.testing.assert_allclose(got, want.detach().numpy(), atol=0.02, err_msg=name)
+    seen = [outputs[1][k] for k in outputs[1].files if k.startswith("opened_")]
+    sizes = [len(words) for words in seen]
+    assert sizes.count(768) == 1  # x: its forward product; the kernel gradient reuses it
+    # BN's centred values (4 products), ReLU's x and g, BN's incoming g (2), the conv's g: once
+    assert sizes.count(1280) == 5
+    for i, first in enumerate(seen):
+        for second in seen[i + 1 :]:
+            if len(first) == len(second) and len(first) > 16:
+                small = np.abs((first - second).astype(np.float64)) < 2.0**40
+                assert small.mean() < 0.01, "two openings differ by a small value: one mask twice"
+    everything = np.concatenate(seen)
+    assert len(np.unique(everything)) == len(everything), "an opened word repeats"

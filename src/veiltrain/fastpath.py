@@ -51,7 +51,7 @@ from typing import Any
 
 import torch
 
-from veiltrain import chains, pooling, protocol, ringmath, signbits
+from veiltrain import chains, openings, pooling, protocol, ringmath, signbits
 
 _ORIGINAL: dict[str, Any] = {}
 _BEAVER = "__beaver_protocol"  # a module-level name in crypten.mpc.primitives.beaver
@@ -101,8 +101,10 @@ def _beaver(op: str, x: Any, y: Any, *args: Any, **kwargs: Any) -> Any:
     if cfg.mpc.active_security or x.device != y.device:
         return _ORIGINAL["beaver"](op, x, y, *args, **kwargs)  # its checks and errors
     if chains.on_two_cpu_parties(x.share, y.share):
-        a, b, pending = protocol.additive_parts(x.size(), y.size(), op, *args, **kwargs)
-        epsilon, delta = chains.open_masked([(x.share, a), (y.share, b)], binary=False)
+        rank = comm.get().get_rank()
+        a, b, epsilon, delta, pending = openings.product_parts(
+            op, x.share, y.share, rank, *args, **kwargs
+        )
         c = pending()  # the dealer computed it while the parties exchanged
     else:
         provider = crypten.mpc.get_default_provider()
@@ -134,6 +136,16 @@ def _arithmetic_function(  # noqa: PLR0917 (CrypTen's positional signature)
     if inplace or op not in _PRODUCTS or not private:
         return _ORIGINAL["arithmetic"](self, y, op, inplace, *args, **kwargs)
     return _private_product(op, self, y, *args, **kwargs)
+
+
+def _square(self: Any) -> Any:
+    """x * x of an ArithmeticSharedTensor as a product of the share with itself: one opening,
+    kept on x's share (CrypTen squares a clone, whose opening nothing else could use)."""
+    from crypten.config import cfg
+
+    if cfg.mpc.protocol != "beaver" or not chains.on_two_cpu_parties(self.share):
+        return _ORIGINAL["square"](self)
+    return _private_product("mul", self, self)
 
 
 def _private_product(op: str, x: Any, y: Any, *args: Any, **kwargs: Any) -> Any:
@@ -590,6 +602,7 @@ def install() -> None:
         shallow_copy=MPCTensor.shallow_copy,
         clone=MPCTensor.clone,
         arithmetic=ArithmeticSharedTensor._arithmetic_function,
+        square=ArithmeticSharedTensor.square,
     )
     BinarySharedTensor.__xor__ = _xor
     BinarySharedTensor.__and__ = _and
@@ -605,6 +618,7 @@ def install() -> None:
     MPCTensor.shallow_copy = _shallow_copy
     MPCTensor.clone = _clone
     ArithmeticSharedTensor._arithmetic_function = _arithmetic_function
+    ArithmeticSharedTensor.square = _square
     beaver.B2A_single_bit = _b2a_single_bit
     # CrypTen's debug hook reads cfg.debug.validation_mode (two omegaconf look-ups) on every
     # attribute access of every encrypted tensor: 14,000 per ResNet-style step. Validation
@@ -647,6 +661,7 @@ def uninstall() -> None:
     MPCTensor.shallow_copy = _ORIGINAL.pop("shallow_copy")
     MPCTensor.clone = _ORIGINAL.pop("clone")
     ArithmeticSharedTensor._arithmetic_function = _ORIGINAL.pop("arithmetic")
+    ArithmeticSharedTensor.square = _ORIGINAL.pop("square")
     beaver.B2A_single_bit = _ORIGINAL.pop("b2a")
     CrypTensor.__getattribute__ = _ORIGINAL.pop("getattribute")
     del MPCTensor.exp, MPCTensor.inv_sqrt, MPCTensor.max_pool2d

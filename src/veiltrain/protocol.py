@@ -219,6 +219,9 @@ def _client_setup_generators(client: Any) -> None:
     dist.barrier(group=client.ttp_group)
     client.generator = KeyStream(key_bytes(received))
     client.generator_cuda = client.generator
+    from veiltrain import openings  # it builds on this module
+
+    openings.begin()  # a new dealer: openings kept in an earlier session are not its masks
     if comm.get().get_rank() == 0:  # only party 0 asks the dealer for anything
         peerlink.dial_dealer(_wait.total_seconds(), client.ttp_group, dealer)
 
@@ -244,7 +247,28 @@ def checked_request(message: Any) -> tuple[str, list[Any], dict[str, Any]]:
         raise PartyError(f"the dealer: malformed request {str(message)[:200]!r} from party 0")
     if message["function"] == "additive" and (len(args) < 3 or args[2] not in TTP_OPS):
         raise PartyError(f"the dealer: unsupported product in {str(message)[:200]!r}")
+    if ("masks" in message or "drop" in message) and not _kept_fields_valid(message):
+        raise PartyError(f"the dealer: malformed kept masks in {str(message)[:200]!r}")
     return str(message["function"]), args, kwargs
+
+
+def _kept_fields_valid(message: dict[str, Any]) -> bool:
+    """A kept-mask product: two ["new" or "old", handle] specs and a list of handles to drop."""
+    masks, drop = message.get("masks"), message.get("drop")
+
+    def handle(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    specs_ok = (
+        isinstance(masks, list)
+        and len(masks) == 2
+        and all(
+            isinstance(m, list) and len(m) == 2 and m[0] in {"new", "old"} and handle(m[1])
+            for m in masks
+        )
+    )
+    drops_ok = isinstance(drop, list) and all(handle(h) for h in drop)
+    return message["function"] == "additive" and specs_ok and drops_ok
 
 
 def _serve(server: Any) -> None:
@@ -278,7 +302,12 @@ def _serve(server: Any) -> None:
 def _answer(server: Any, message: Any) -> torch.Tensor:
     """The dealer's answer to one checked request, of the size party 0 expects."""
     function, args, kwargs = checked_request(message)
-    result: torch.Tensor = getattr(server, function)(*args, **kwargs)
+    if "masks" in message:
+        kept = dealt_masks(server)
+        kept.drop(message["drop"])
+        result = _dealer_kept(server, kept, message["masks"], *args, **kwargs)
+    else:
+        result = getattr(server, function)(*args, **kwargs)
     if result.size() != result_size(function, args, kwargs):
         raise PartyError(
             f"the dealer: {function} gave {list(result.size())}, not the size "
@@ -373,13 +402,22 @@ def wait_timeout() -> dt.timedelta:
     return _wait
 
 
-def _ttp_post(self: Any, function: str, device: Any, *args: Any, **kwargs: Any) -> Pending:
+def _ttp_post(
+    self: Any,
+    function: str,
+    device: Any,
+    *args: Any,
+    extra: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> Pending:
     """Party 0's request to the dealer, answered later: the opening of x - a and y - b needs
     only a and b, so it runs while the dealer computes c (CrypTen waits first, and sent the
-    answer's size in between, one more round trip per triple)."""
+    answer's size in between, one more round trip per triple). `extra` adds fields to the
+    request (a kept-mask product's handles)."""
     import crypten.communicator as comm
 
     message = {"function": function, "device": None, "args": args, "kwargs": kwargs}
+    message.update(extra or {})
     link = peerlink.dealer()
     if link is not None:
         return _posted(link, message, result_size(function, args, kwargs), device)
@@ -419,12 +457,19 @@ def _ttp_request(self: Any, function: str, device: Any, *args: Any, **kwargs: An
     return _ttp_post(self, function, device, *args, **kwargs)()
 
 
-def _draws(generator: Any, rank: int, function: str, *args: Any, **kwargs: Any) -> Pending:
+def _draws(
+    generator: Any,
+    rank: int,
+    function: str,
+    *args: Any,
+    extra: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> Pending:
     """c: asked of the dealer by party 0, drawn from the party's own stream by the others."""
     from crypten.mpc.provider.ttp_provider import TTPClient
 
     if rank == 0:
-        return _ttp_post(TTPClient.get(), function, None, *args, **kwargs)
+        return _ttp_post(TTPClient.get(), function, None, *args, extra=extra, **kwargs)
     c = random_ring_element(result_size(function, args, kwargs), generator=generator)
     return lambda: c
 
@@ -440,6 +485,32 @@ def additive_parts(
     a = random_ring_element(size0, generator=generator)
     b = random_ring_element(size1, generator=generator)
     c = _draws(generator, comm.get().get_rank(), "additive", size0, size1, op, *args, **kwargs)
+    return a, b, c
+
+
+def kept_parts(  # noqa: PLR0917 (the shapes, the masks, the op: all needed)
+    size0: Any,
+    size1: Any,
+    specs: tuple[tuple[str, int], tuple[str, int]],
+    drop: list[int],
+    op: str,
+    *args: Any,
+    **kwargs: Any,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, Pending]:
+    """An additive triple on kept masks (veiltrain.openings): a share of each ("new", handle)
+    operand's mask drawn now (None for an ("old", handle) one, whose mask the party kept), and
+    c when asked. Party 0's request names the handles and those the dealer may drop."""
+    import crypten.communicator as comm
+    from crypten.mpc.provider.ttp_provider import TTPClient
+
+    generator = TTPClient.get().get_generator(device=None)
+    a, b = (
+        random_ring_element(size, generator=generator) if kind == "new" else None
+        for size, (kind, _) in zip((size0, size1), specs, strict=True)
+    )
+    extra = {"masks": [list(spec) for spec in specs], "drop": drop}
+    rank = comm.get().get_rank()
+    c = _draws(generator, rank, "additive", size0, size1, op, *args, extra=extra, **kwargs)
     return a, b, c
 
 
@@ -491,6 +562,60 @@ def _dealer_select(self: Any, count: int) -> torch.Tensor:
     r = signbits.from_plane(packed, count)
     rows = torch.stack([r, r * a, r * a_next])
     return rows.sub_(self._get_additive_PRSS(rows.size(), remove_rank=True))
+
+
+class DealtMasks:
+    """The masks the dealer keeps for party 0's kept openings (veiltrain.openings), by handle:
+    the sum of the parties' draws, so that a later triple can be built on the same mask."""
+
+    def __init__(self) -> None:
+        self._masks: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self._masks)
+
+    def drop(self, handles: list[int]) -> None:
+        """Forget masks whose shares party 0 no longer holds."""
+        for handle in handles:
+            self._masks.pop(handle, None)
+
+    def operand(self, server: Any, spec: list[Any], size: Any) -> torch.Tensor:
+        """A new mask drawn from the parties' streams and kept, or a kept one of this size."""
+        kind, handle = spec
+        if kind == "new":
+            if handle in self._masks:
+                raise PartyError(f"the dealer: party 0 reused the mask handle {handle}")
+            self._masks[handle] = server._get_additive_PRSS(size)
+            return self._masks[handle]
+        mask = self._masks.get(handle)
+        if mask is None or tuple(mask.shape) != _shape(size):
+            raise PartyError(f"the dealer: no kept mask {handle} of size {list(_shape(size))}")
+        return mask
+
+
+def dealt_masks(server: Any) -> DealtMasks:
+    """The dealer's kept masks (made on first use)."""
+    kept: DealtMasks | None = getattr(server, "veiltrain_masks", None)
+    if kept is None:
+        kept = server.veiltrain_masks = DealtMasks()
+    return kept
+
+
+def _dealer_kept(  # noqa: PLR0917 (CrypTen's additive arguments after the specs)
+    server: Any,
+    kept: DealtMasks,
+    specs: list[Any],
+    size0: Any,
+    size1: Any,
+    op: str,
+    *args: Any,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """Party 0's c0 = op(a, b) - c1 with a and b new (drawn as the parties drew) or kept."""
+    a = kept.operand(server, specs[0], size0)
+    b = kept.operand(server, specs[1], size1)
+    c: torch.Tensor = ringmath.product(op)(a, b, *args, **kwargs)
+    return c.sub_(server._get_additive_PRSS(c.size(), remove_rank=True))
 
 
 def _dealer_additive(self: Any, size0: Any, size1: Any, op: str, *args: Any, **kwargs: Any) -> Any:
