@@ -244,23 +244,34 @@ def openings(rank: int, folder: Path, precision_bits: int) -> None:
     relu(a), a * a and exp(a / 10): the opened words (its own masked words are its own)."""
     from veiltrain import chains, mpc, peerlink
 
-    seen: dict[str, list[np.ndarray]] = {"words": [], "binary": [], "bits": []}
-    original = chains.open_masked
+    seen: dict[str, list[np.ndarray]] = {"words": [], "binary": [], "bits": [], "private": []}
+    original, exchange = chains.open_masked, chains.exchange
+    opening = [False]
 
     def recorded(masked: list[chains.Masked], *, binary: bool) -> list[torch.Tensor]:
-        opened = original(masked, binary=binary)
+        opening[0] = True
+        try:
+            opened = original(masked, binary=binary)
+        finally:
+            opening[0] = False
         # B2A opens one tensor of single bits; every other opening is of whole words.
         kind = ("bits" if len(masked) == 1 else "binary") if binary else "words"
         seen[kind] += [o.reshape(-1).numpy().copy() for o in opened]
         return opened
 
-    chains.open_masked = recorded
+    def exchanged(mine: torch.Tensor) -> torch.Tensor:
+        theirs = exchange(mine)
+        if not opening[0]:  # an AND of private inputs: the other party's input, masked
+            seen["private"].append(theirs.reshape(-1).numpy().copy())
+        return theirs
+
+    chains.open_masked, chains.exchange = recorded, exchanged
     try:
         with np.load(folder / f"in_{rank}.npz", allow_pickle=False) as data:
             a = mpc.from_shares(torch.from_numpy(data["a"]), precision_bits)
         a.relu(), a * a, (a * 0.1).exp()
     finally:
-        chains.open_masked = original
+        chains.open_masked, chains.exchange = original, exchange
     linked = np.array(peerlink.current() is not None)  # the openings went over the parties' link
     np.savez(
         folder / f"out_{rank}.npz", linked=linked, **{k: np.concatenate(v) for k, v in seen.items()}

@@ -199,6 +199,7 @@ class _Dealer:
 
     device = "cpu"
     _get_additive_PRSS = protocol._dealer_prss
+    private_and = protocol._dealer_private_and
 
     def __init__(self, keys: list[bytes]) -> None:
         self.generators = [protocol.KeyStream(k) for k in keys]
@@ -243,3 +244,24 @@ def test_kept_triples_are_built_on_the_masks_the_parties_kept() -> None:
     dropped = {"function": "additive", "args": [[5], [5], "mul"], "kwargs": {}, "drop": [0, 3]}
     protocol._answer(dealer, {**dropped, "masks": [["new", 6], ["new", 7]]})
     assert len(protocol.dealt_masks(dealer)) == 4  # 0 and 3 went, 6 and 7 came
+
+
+def test_an_and_of_private_inputs_gives_xor_shares_of_the_and() -> None:
+    # Party 0 holds s0 and party 1 s1 (the carry tree's generate bits); each opens only its own
+    # input, masked by a mask that only it and the dealer drew (fastpath._PrivateAnd).
+    keys = [secrets.token_bytes(protocol.KEY_BYTES) for _ in range(2)]
+    dealer, streams = _Dealer(keys), [protocol.KeyStream(k) for k in keys]
+    s0, s1 = (protocol.KeyStream.fresh().words(12).reshape(3, 4) for _ in range(2))
+    request = {"function": "private_and", "device": None, "args": [[3, 4]], "kwargs": {}}
+    assert protocol.checked_request(request) == ("private_and", [[3, 4]], {})
+    w0 = protocol._answer(dealer, request)
+    u = streams[0].words(12).reshape(3, 4)
+    v, w1 = (streams[1].words(12).reshape(3, 4) for _ in range(2))
+    e, f = s0 ^ u, s1 ^ v  # what party 0 sends, what party 1 sends
+    assert torch.equal(((s0 & f) ^ w0) ^ ((e & v) ^ w1), s0 & s1)
+    for size in ("3x4", [3, -4], [3, 4.0]):
+        with pytest.raises(PartyError, match="private inputs"):
+            protocol._dealer_private_and(dealer, size)
+    dealer.generators.append(protocol.KeyStream.fresh())
+    with pytest.raises(PartyError, match="2 parties"):
+        protocol._dealer_private_and(dealer, [3, 4])

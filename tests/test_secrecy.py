@@ -352,6 +352,17 @@ def test_a_party_learns_only_uniform_words_from_the_openings(tmp_path: Path) -> 
     bits = seen["bits"]  # B2A: one masked bit a value
     assert set(np.unique(bits)) == {0, 1}
     assert abs(bits.mean() - 0.5) < 5 * 0.5 / np.sqrt(len(bits))
+    # ReLU's sign circuit starts with an AND of the parties' own inputs: party 1 receives party
+    # 0's input, its share's bit planes, masked. Unmasked, every bit would match those planes.
+    from veiltrain import signbits
+
+    received = seen["private"]
+    share0 = torch.from_numpy(np.load(tmp_path / "in_0.npz")["a"])
+    planes = signbits.to_planes(share0)[: signbits.CARRY_BITS].reshape(-1).numpy()
+    assert received.shape == planes.shape
+    same = np.unpackbits((~(received ^ planes)).view(np.uint8)).mean()
+    assert abs(same - 0.5) < 5 * 0.5 / np.sqrt(received.size * 64)
+    assert np.all(np.abs(_bit_frequencies(received) - 0.5) < 5 * 0.5 / np.sqrt(len(received)))
 
 
 def _layer_inputs(rng: np.random.Generator) -> dict[str, np.ndarray]:

@@ -53,14 +53,20 @@ def open_masked(pairs: list[Masked], *, binary: bool | tuple[bool, ...]) -> list
     mine = torch.empty(spans[-1][1] if spans else 0, dtype=torch.int64)
     for (x, a), (lo, hi), shape, xor in zip(pairs, spans, shapes, modes, strict=True):
         (torch.bitwise_xor if xor else torch.sub)(x, a, out=mine[lo:hi].view(shape))
-    link = peerlink.current()
-    opened = link.exchange(mine) if link is not None else _through_gloo(mine)
+    opened = exchange(mine)
     if len(set(modes)) == 1:
         _unmask(opened, mine, modes[0] if modes else False)
     else:
         for (lo, hi), xor in zip(spans, modes, strict=True):
             _unmask(opened[lo:hi], mine[lo:hi], xor)
     return [opened[lo:hi].view(shape) for (lo, hi), shape in zip(spans, shapes, strict=True)]
+
+
+def exchange(mine: torch.Tensor) -> torch.Tensor:
+    """The other party's tensor of the same shape for ours (contiguous int64 on the CPU), over
+    the parties' own link where the session made one."""
+    link = peerlink.current()
+    return link.exchange(mine) if link is not None else _through_gloo(mine)
 
 
 def _unmask(opened: torch.Tensor, mine: torch.Tensor, xor: bool) -> None:

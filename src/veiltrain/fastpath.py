@@ -6,7 +6,10 @@
   allocate the result once.
 - Beaver products. CrypTen finishes z = c + eps*b + a*delta + eps*delta with three local products
   (three int64 convolutions for a conv layer: 60 % of a ResNet18 party's time). The product is
-  bilinear, so eps*b + eps*delta = eps*(b + delta): two, with party 0 adding delta to its b.
+  bilinear, so eps*b + eps*delta = eps*(b + delta): two, with party 0 adding delta to its b; both
+  before party 0 waits for the dealer's c. A value opened once serves every later product it
+  enters (veiltrain.openings): a layer's input its kernel gradient, BatchNorm's centred values
+  four products.
 - Conv2d weight gradients. CrypTen repeats grad_output C_in times and runs a convolution with
   N * C_in groups (for a 512-channel ResNet18 layer at batch 32: 8M single-channel maps, most
   of a step and gigabytes per party). Here it is one Beaver matmul of grad_output (C_out, N*L)
@@ -15,7 +18,8 @@
 - Comparisons (two parties, CPU). CrypTen's `_ltz` adds the two shares in binary with a full
   Kogge-Stone adder: 13 ANDs of N words and 7 dealer round trips for N values, most of a small
   CNN's forward pass. `veiltrain.signbits` computes only the carry into the sign bit, bit-sliced:
-  2.8 N words of ANDs, all triples in one dealer request; CrypTen's B2A finishes as before.
+  2.8 N words of ANDs, all triples asked for at once, the first level (party 0's bits AND
+  party 1's) opening each party's own input only (`_PrivateAnd`); CrypTen's B2A finishes.
 - Openings and dealer trips (two parties, CPU): masked values are exchanged in one message each
   way over the parties' own TCP link instead of an all-reduce per tensor, and party 0 waits for
   the dealer's c (over its own link) only after the exchange (veiltrain.chains,
@@ -446,9 +450,11 @@ def _sign_bits(value: Any, rank: int) -> Any:
 
 def _sign_plane(share: torch.Tensor, rank: int) -> torch.Tensor:
     """XOR shares of x < 0 for this party's share of x, packed 64 values to a word."""
-    # The dealer computes the triple while this party transposes its share.
-    gates = _PlaneGates(sum(signbits.triple_rows()), -(-share.numel() // signbits.WORD_BITS), rank)
-    return signbits.sign_planes(signbits.to_planes(share), rank, gates.and_)
+    # The dealer computes the triples while this party transposes its share.
+    words = -(-share.numel() // signbits.WORD_BITS)
+    generate = _PrivateAnd((signbits.CARRY_BITS, words), rank)
+    gates = _PlaneGates(signbits.tree_rows(), words, rank)
+    return signbits.sign_planes(signbits.to_planes(share), gates.and_, generate.and_)
 
 
 def _relu_forward(ctx: Any, input: Any) -> Any:
@@ -517,6 +523,28 @@ def _like(value: Any, share: torch.Tensor) -> Any:
     result = _wrapped(ArithmeticSharedTensor.from_shares(share, precision=0), Ptype.arithmetic)
     result.encoder = value.encoder
     return result
+
+
+class _PrivateAnd:
+    """[s0 & s1] where party 0 holds s0 and party 1 holds s1 (the carry tree's generate bits):
+    each party opens only its own input, masked by a mask the dealer drew with it alone.
+
+    Party 0 draws u, party 1 draws v and its share w1 of u & v (w0 from the dealer). Party 0
+    sends e = s0 ^ u and party 1 f = s1 ^ v in one exchange; then s0 & s1 = (s0 & f) ^ (e & v)
+    ^ (u & v), party 0 keeping (s0 & f) ^ w0 and party 1 (e & v) ^ w1. A Beaver AND on the
+    zero-padded XOR shares opened both inputs from both parties: twice the words.
+    """
+
+    def __init__(self, size: tuple[int, int], rank: int) -> None:
+        self._mask, self._pending = protocol.private_and_parts(size)
+        self._rank = rank
+
+    def and_(self, own: torch.Tensor) -> torch.Tensor:
+        """This party's XOR share of s0 & s1, from its own input."""
+        theirs = chains.exchange(own ^ self._mask)  # e to party 1, f to party 0
+        z = own & theirs if self._rank == 0 else theirs & self._mask
+        z ^= self._pending()
+        return z
 
 
 class _PlaneGates:

@@ -37,8 +37,9 @@ _SLACK_WORDS = 2
 MAX_MESSAGE_BYTES = 1 << 20
 """Dealer requests and size messages are a few hundred bytes; refuse anything near this."""
 
-TTP_FUNCTIONS = frozenset({"additive", "square", "binary", "wraps", "B2A", "select"})
-"""What the dealer serves: CrypTen's TTP functions and veiltrain's `select`, nothing else."""
+TTP_FUNCTIONS = frozenset({"additive", "square", "binary", "wraps", "B2A", "select", "private_and"})
+"""What the dealer serves: CrypTen's TTP functions and veiltrain's `select` and
+`private_and`, nothing else."""
 TTP_OPS = frozenset(
     {"mul", "matmul", "conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d", "conv2d_weight"}
 )
@@ -536,6 +537,32 @@ def b2a_parts(size: Any) -> tuple[torch.Tensor, Pending]:
     return r_binary, _draws(generator, comm.get().get_rank(), "B2A", size)
 
 
+def private_and_parts(size: tuple[int, ...]) -> tuple[torch.Tensor, Pending]:
+    """This party's part of an AND of private inputs (fastpath._PrivateAnd): party 0's mask u,
+    or party 1's mask v; and when asked, the party's XOR share of u & v (party 1 draws w1)."""
+    import crypten.communicator as comm
+    from crypten.mpc.provider.ttp_provider import TTPClient
+
+    generator = TTPClient.get().get_generator(device=None)
+    mask = kbit_random_tensor(size, generator=generator)
+    return mask, _draws(generator, comm.get().get_rank(), "private_and", size)
+
+
+def _dealer_private_and(self: Any, size: Any) -> torch.Tensor:
+    """Party 0's w0 = (u & v) ^ w1: u is party 0's draw, v and w1 party 1's, in that order."""
+    streams = self._get_generators(device=self.device)
+    if len(streams) != 2:
+        raise PartyError(
+            f"the dealer: an AND of private inputs needs 2 parties, not {len(streams)}"
+        )
+    if not isinstance(size, list) or not all(isinstance(d, int) and d >= 0 for d in size):
+        raise PartyError(f"the dealer: an AND of private inputs of size {size!r}")
+    u: torch.Tensor = kbit_random_tensor(size, generator=streams[0])
+    v: torch.Tensor = kbit_random_tensor(size, generator=streams[1])
+    w1: torch.Tensor = kbit_random_tensor(size, generator=streams[1])
+    return (u & v) ^ w1
+
+
 def select_parts(count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Pending]:
     """This party's part of a dealt select for `count` values: its XOR share of random bits r
     packed 64 to a word, its shares of two masks a and a' now, and (3, count) shares of r, r a
@@ -780,6 +807,7 @@ def install() -> None:
     ttp_provider.TTPServer._setup_generators = _server_setup_generators
     ttp_provider.TTPServer.additive = _dealer_additive
     ttp_provider.TTPServer.select = _dealer_select
+    ttp_provider.TTPServer.private_and = _dealer_private_and
     ttp_provider.TTPServer._get_additive_PRSS = _dealer_prss
     DistributedCommunicator.send_obj = send_obj
     DistributedCommunicator.recv_obj = recv_obj

@@ -5,11 +5,16 @@ computes the whole sum in binary shares with a Kogge-Stone adder: 13 secure ANDs
 values, 7 dealer round trips. Only the carry into the top bit is needed, and a tree that merges
 (generate, propagate) pairs halves the gates at every level. The bits are bit-sliced (plane k packs
 bit k of 64 values into one word), so a level's gates are whole planes: 181 planes of N/64 words in
-all (2.8 N words), and one dealer request serves every level, since triples are data-independent.
+all (2.8 N words), and two dealer requests serve every level (the generate bits', below, and the
+tree's), asked for together: triples are data-independent.
 
-Security is CrypTen's: every opened value is a gate input XOR-ed with a fresh triple word, and the
-result goes through CrypTen's own single-bit B2A. Party 0 inputs its share's bits, party 1 its own
-(the other's share of each input is zero), which is a valid XOR sharing of each party's share.
+The first level, generate = s0 & s1, ANDs two private inputs (party 0's share's bits with party
+1's): each party opens only its own input, XOR-ed with a mask that only it and the dealer drew
+(fastpath._PrivateAnd), so each sends 63 planes there instead of a Beaver AND's 126.
+
+Security is CrypTen's: every opened value is a gate input XOR-ed with a fresh mask (a triple
+word, or the private AND's own-input mask), and the result goes through CrypTen's single-bit B2A
+or veiltrain's dealt select.
 """
 
 from __future__ import annotations
@@ -100,13 +105,19 @@ def carry_into_top(g: torch.Tensor, p: torch.Tensor, and_fn: AndFn) -> torch.Ten
     return g[0]
 
 
-def sign_planes(own: torch.Tensor, rank: int, and_fn: AndFn) -> torch.Tensor:
+def sign_planes(
+    own: torch.Tensor, and_fn: AndFn, private_and: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
     """This party's XOR share of the packed sign bits of s0 + s1, from its share's planes.
 
-    Party 0 is the first addend, party 1 the second; each holds all of its addend and a zero share
-    of the other's. Generate = s0 & s1 (a secure AND), propagate = s0 ^ s1 (local).
+    Party 0 is the first addend, party 1 the second; each holds all of its addend. Generate =
+    s0 & s1 is an AND of two private inputs (`private_and`: each party gives its own planes),
+    propagate = s0 ^ s1 is local (each party's planes are its XOR share of it).
     """
-    zeros = torch.zeros_like(own[:CARRY_BITS])
-    first, second = (own[:CARRY_BITS], zeros) if rank == 0 else (zeros, own[:CARRY_BITS])
-    generate = and_fn(first, second)
+    generate = private_and(own[:CARRY_BITS])
     return own[CARRY_BITS] ^ carry_into_top(generate, own[:CARRY_BITS], and_fn)
+
+
+def tree_rows() -> int:
+    """AND rows of the carry tree: every level but the generate bits."""
+    return sum(triple_rows()[1:])
