@@ -80,7 +80,7 @@ class Opening:
     handle: int
 
 
-_ledger: Ledger | None = None
+_ledger = Ledger()  # `begin` starts each session's own
 
 
 def begin() -> None:
@@ -100,20 +100,17 @@ def recall(share: torch.Tensor) -> Opening | None:
 
 def keep(share: torch.Tensor, mask: torch.Tensor, opened: torch.Tensor, handle: int) -> None:
     """Record the opening of `share` under the dealer's `handle`."""
-    if _ledger is not None:
-        setattr(share, _ATTRIBUTE, Opening(_ledger, share._version, mask, opened, handle))
+    setattr(share, _ATTRIBUTE, Opening(_ledger, share._version, mask, opened, handle))
 
 
 def new_handle(share: torch.Tensor) -> int:
     """The handle party 0 gives the dealer for a fresh mask of `share`."""
-    if _ledger is None:
-        raise RuntimeError("openings.begin was not called for this session")
     return _ledger.handle(share)
 
 
 def released() -> list[int]:
     """Handles the dealer may drop: their shares are gone."""
-    return [] if _ledger is None else _ledger.released()
+    return _ledger.released()
 
 
 Spec = tuple[str, int]
