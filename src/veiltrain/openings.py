@@ -126,7 +126,8 @@ def product_parts(
     kept_x = recall(x)
     kept_y = kept_x if y is x else recall(y)
     x_spec = _spec(x, kept_x, rank)
-    y_spec = x_spec_as_old(x_spec) if y is x else _spec(y, kept_y, rank)
+    # x op x: y names the mask x's spec names, drawn (if new) for x alone.
+    y_spec = ("old", x_spec[1]) if y is x else _spec(y, kept_y, rank)
     specs = (x_spec, y_spec)
     a, b, pending = protocol.kept_parts(x.shape, y.shape, specs, released(), op, *args, **kwargs)
     pairs = [(share, mask) for share, mask in ((x, a), (y, b)) if mask is not None]
@@ -136,11 +137,6 @@ def product_parts(
         return a, a, epsilon, epsilon, pending
     b, delta = _taken(y, kept_y, b, opened, y_spec[1])
     return a, b, epsilon, delta, pending
-
-
-def x_spec_as_old(spec: Spec) -> Spec:
-    """y's spec when y is x: the mask x's spec names, already drawn."""
-    return ("old", spec[1])
 
 
 def _spec(share: torch.Tensor, kept: Opening | None, rank: int) -> Spec:
