@@ -161,6 +161,21 @@ def test_up_refuses_a_port_in_use_before_starting_anything(tmp_path: Path) -> No
     assert not any(stack.status(stack.load(tmp_path)).values())  # nothing was left running
 
 
+def test_a_port_left_in_time_wait_by_a_stopped_server_counts_as_free() -> None:
+    import socket
+
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port), timeout=5)
+    conn, _ = server.accept()
+    conn.close()  # the server side closes first: its end waits in TIME_WAIT on the port
+    client.close()
+    server.close()
+    assert stack._port_free(port)  # `stack up` right after a store outage (a CI failure once)
+    with socket.create_server(("127.0.0.1", port)):
+        assert not stack._port_free(port)  # a listener is still "in use"
+
+
 # ----------------------------------------------------------------------------- the stack
 
 

@@ -216,7 +216,11 @@ def _base_env() -> dict[str, str]:
 
 
 def _port_free(port: int) -> bool:
+    """Whether a server could listen on the port now."""
     with socket.socket() as sock:
+        # As the servers themselves do: connections left in TIME_WAIT by a server that just
+        # stopped must not count as "in use" (a listener still does, SO_REUSEADDR or not).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
