@@ -27,7 +27,7 @@ import torch
 import bench_rng
 from bench_models import REFERENCES, build, kwargs_for
 from bench_sharing import machine_info
-from veiltrain import data, launch, owner, report
+from veiltrain import data, launch, owner, report, ringkernels
 from veiltrain.config import load_config
 
 BENCH = Path(__file__).resolve().parent
@@ -100,6 +100,7 @@ def machine() -> dict[str, Any]:
     info = machine_info()
     info["nproc"] = len(os.sched_getaffinity(0))
     info["torch"] = torch.__version__
+    info["ring_kernels"] = ringkernels.describe()  # whether convolutions ran the C loop
     info["load_average_at_start"] = _load_average()
     return info
 
@@ -589,7 +590,8 @@ def markdown(summary: dict[str, Any]) -> str:
         "# veiltrain benchmark summary",
         "",
         f"Machine: {m['nproc']} CPUs (nproc), {m['cpu_model']}, torch {m['torch']}, "
-        f"Python {m['python']}, load average at start {m['load_average_at_start']}. "
+        f"Python {m['python']}, load average at start {m['load_average_at_start']}, "
+        f"ring kernels {m.get('ring_kernels')}. "
         f"Run {summary['started']}, {summary['wall_s']:.0f} s, device {summary['device']}.",
         "",
         "Train steps: median seconds per full-batch step after warm-up; plaintext is torch on one "

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import torch
 
-from veiltrain import ringmath
+from veiltrain import ringkernels, ringmath
 
 SHAPES = [((16, 512), (512, 144)), ((3, 5), (5, 7)), ((2, 4, 64), (64, 80)), ((64,), (64, 32))]
 
@@ -38,6 +38,17 @@ def test_other_products_are_torchs_own() -> None:
     assert ringmath.product("mul") is torch.mul and ringmath.product("conv1d") is torch.conv1d
 
 
+@pytest.fixture(params=["ring kernels", "torch"])
+def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Each convolution test runs through veiltrain's C loop and, with it switched off, torch.
+    Where the CPU lacks the vector loop, the C loop still runs (its plain version)."""
+    on = request.param == "ring kernels"
+    if on and not ringkernels.built():
+        pytest.fail("veiltrain._ringkernels is not built (make venv builds it)")
+    monkeypatch.setattr(ringkernels, "available", lambda: on)
+    return on
+
+
 def _words(*shape: int, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(-(2**63), 2**63 - 1, shape, dtype=torch.int64, generator=gen)
@@ -64,6 +75,7 @@ def test_convolutions_wrap_exactly_as_torch(
     stride: Any,
     padding: Any,
     dilation: Any,
+    kernels: bool,
 ) -> None:
     x = _words(3, *image, seed=1)
     w = _words(kernel[0], image[0], *kernel[1:], seed=2)
@@ -98,7 +110,9 @@ def test_shapes_that_do_not_broadcast_are_refused_as_torch_does() -> None:
 @pytest.mark.parametrize(
     ("stride", "padding", "dilation"), [(1, 1, 1), (2, 1, 1), (1, 0, 2), (2, 0, 1), (1, 2, 1)]
 )
-def test_the_kernel_gradient_wraps_exactly(stride: int, padding: int, dilation: int) -> None:
+def test_the_kernel_gradient_wraps_exactly(
+    stride: int, padding: int, dilation: int, kernels: bool
+) -> None:
     gen = torch.Generator().manual_seed(stride * 100 + padding * 10 + dilation)
     x = torch.randint(-(2**63), 2**63 - 1, (2, 3, 7, 7), dtype=torch.int64, generator=gen)
     size = (7 + 2 * padding - dilation * 2 - 1) // stride + 1
@@ -174,3 +188,14 @@ def test_a_limb_product_past_exact_float64_sums_is_refused() -> None:
     x = torch.zeros(1, 1, dtype=torch.int64)
     with pytest.raises(ValueError, match="at most"):
         ringmath.limb_product(torch.matmul, x, x, terms=1 << 21)
+
+
+@pytest.mark.parametrize("divisor", [1, 2, 3, 1000, 2**16, 2**40, 2**62])
+def test_truncation_rounds_toward_zero_as_torchs_division(divisor: int) -> None:
+    edges = [-(2**63), -(2**63) + 1, -divisor - 1, -divisor, -divisor + 1, -1, 0, 1]
+    edges += [divisor - 1, divisor, divisor + 1, 2**63 - 1]
+    words = torch.cat([torch.tensor(edges, dtype=torch.int64), _words(10_000, seed=divisor % 97)])
+    expected = words.div(divisor, rounding_mode="trunc")
+    out = ringmath.trunc_div_(words, divisor)
+    assert out is words  # in place, as the div_ it replaces
+    assert torch.equal(out, expected)

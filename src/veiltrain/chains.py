@@ -122,7 +122,7 @@ class Chain:
     def _finish(self, row: int, epsilon: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         a, b = self._a[row], self._b[row]
         z = finish_product(lambda: self._c_row(row), a, b, epsilon, delta, self._rank)
-        return z.div_(self._scale, rounding_mode="trunc")  # CrypTen's two-party truncation
+        return ringmath.trunc_div_(z, self._scale)  # CrypTen's two-party truncation
 
 
 def finish_product(  # noqa: PLR0917 (the triple, the openings, the rank: all needed)
@@ -161,12 +161,12 @@ class Shares:
 
     def mul(self, x: torch.Tensor, value: float) -> torch.Tensor:
         """[x] * value for a public real value (encode, multiply, truncate)."""
-        return (x * int(round(value * self.scale))).div_(self.scale, rounding_mode="trunc")
+        return ringmath.trunc_div_(x * int(round(value * self.scale)), self.scale)
 
     @staticmethod
     def div(x: torch.Tensor, divisor: int) -> torch.Tensor:
         """[x] / divisor for a public integer (local truncation, as CrypTen's div)."""
-        return x.div(divisor, rounding_mode="trunc")
+        return ringmath.trunc_div_(x.clone(), divisor)
 
 
 def exp_count(iterations: int) -> int:

@@ -166,7 +166,10 @@ def _private_product(op: str, x: Any, y: Any, *args: Any, **kwargs: Any) -> Any:
     result = ArithmeticSharedTensor.from_shares(_beaver(op, x, y, *args, **kwargs).share, 0)
     result.encoder = x.encoder if x.encoder.scale > 1 else y.encoder
     if x.encoder.scale > 1 and y.encoder.scale > 1:
-        return result.div_(x.encoder.scale)
+        if not chains.on_two_cpu_parties(result.share):
+            return result.div_(x.encoder.scale)
+        # CrypTen's div_ for two parties, by shifts (validation mode is pinned off in sessions)
+        result.share = ringmath.trunc_div_(result.share, int(x.encoder.scale))
     return result
 
 
