@@ -98,38 +98,27 @@ def test_convolutions_and_their_gradients_are_torchs(
     """Through ringmath with every shape routed to the C loop (one to 33 columns: partial
     vectors, one or more bands), against torch's int64 convolutions and, for the kernel
     gradient, ringmath's patches product with the loop off."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ringkernels, "COLUMNS", (1, 64))
-        patch.setattr(ringkernels, "MIN_TERMS", 1)
-        _check_convolutions(batch, channels, out_channels, kernel, stride, dilation, padding, extra)
-
-
-def _check_convolutions(  # noqa: PLR0917
-    batch: int,
-    channels: int,
-    out_channels: int,
-    kernel: tuple[int, int],
-    stride: tuple[int, int],
-    dilation: tuple[int, int],
-    padding: tuple[int, int],
-    extra: tuple[int, int],
-) -> None:
-    h, w = (d * (k - 1) + 1 + e for d, k, e in zip(dilation, kernel, extra, strict=True))
-    x = _words(batch, channels, h, w, seed=12)
-    weight = _words(out_channels, channels, *kernel, seed=13)
-    out = torch.conv2d(x, weight, None, stride, padding, dilation)
-    assert torch.equal(ringmath.conv2d(x, weight, None, stride, padding, dilation), out)
-    g = _words(*out.shape, seed=14)
-    ours = ringmath.conv2d_weight(g, x, kernel, padding, stride, dilation)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ringkernels, "available", lambda: False)
-        assert torch.equal(ours, ringmath.conv2d_weight(g, x, kernel, padding, stride, dilation))
-    # The input gradient at stride 1 (the loop's transposed case), back to x's channels.
-    g1 = _words(*torch.conv2d(x, weight, None, 1, padding, dilation).shape, seed=15)
-    expected = torch.conv_transpose2d(g1, weight, None, 1, padding, 0, 1, dilation)
-    assert torch.equal(
-        ringmath.conv_transpose2d(g1, weight, None, 1, padding, 0, 1, dilation), expected
-    )
+    with pytest.MonkeyPatch.context() as routed:
+        routed.setattr(ringkernels, "COLUMNS", (1, 64))
+        routed.setattr(ringkernels, "MIN_TERMS", 1)
+        h, w = (d * (k - 1) + 1 + e for d, k, e in zip(dilation, kernel, extra, strict=True))
+        x = _words(batch, channels, h, w, seed=12)
+        weight = _words(out_channels, channels, *kernel, seed=13)
+        out = torch.conv2d(x, weight, None, stride, padding, dilation)
+        assert torch.equal(ringmath.conv2d(x, weight, None, stride, padding, dilation), out)
+        g = _words(*out.shape, seed=14)
+        ours = ringmath.conv2d_weight(g, x, kernel, padding, stride, dilation)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(ringkernels, "available", lambda: False)
+            assert torch.equal(
+                ours, ringmath.conv2d_weight(g, x, kernel, padding, stride, dilation)
+            )
+        # The input gradient at stride 1 (the loop's transposed case), back to x's channels.
+        g1 = _words(*torch.conv2d(x, weight, None, 1, padding, dilation).shape, seed=15)
+        expected = torch.conv_transpose2d(g1, weight, None, 1, padding, 0, 1, dilation)
+        assert torch.equal(
+            ringmath.conv_transpose2d(g1, weight, None, 1, padding, 0, 1, dilation), expected
+        )
 
 
 def test_ringmath_routes_the_shapes_where_the_loop_wins(monkeypatch: pytest.MonkeyPatch) -> None:
