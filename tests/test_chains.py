@@ -46,7 +46,11 @@ def test_parties_compute_exp_and_inv_sqrt_as_crypten_does(tmp_path: Path) -> Non
     exp_error = np.abs(value("exp") - np.exp(exponents)) / scale
     stock_exp_error = np.abs(value("stock_exp") - np.exp(exponents)) / scale
     assert exp_error.max() < 0.01, exp_error.max()
-    assert exp_error.max() <= stock_exp_error.max() + 1e-3  # the same approximation
+    # The same approximation, up to each run's random truncations (a unit of 2^-16 a product,
+    # through 8 squarings): over 12 runs of either side, before and after the shifts of
+    # 2026-12-05, the max error moved within 0.0069-0.0083, so two runs differ by up to 0.0015
+    # (a 1e-3 margin failed once in `make test`).
+    assert exp_error.max() <= stock_exp_error.max() + 3e-3
     ideal = 1 / np.sqrt(variances)
     error = np.abs(value("inv_sqrt") / ideal - 1)
     assert error.max() < 0.01, error.max()
