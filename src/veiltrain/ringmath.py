@@ -19,7 +19,8 @@ product of the patches (cut by strided slices) with the kernel; 1x1 maps 0.80 ->
 only maps of up to _PATCH_POSITIONS positions take this path. Sums mod 2^64 do not depend on their
 order: the results are torch's, word for word (tests/test_ringmath.py). Before either, convolutions,
 stride-1 transposed convolutions and kernel gradients of 8-32 output channels go through
-`ringkernels`' C loop where it is built and this CPU has AVX-512DQ (2-5x torch's on such layers).
+`ringkernels`' C loop where it is built and this CPU has AVX-512DQ (1.6-4.5x torch's on such
+layers).
 """
 
 from __future__ import annotations
