@@ -35,8 +35,9 @@
   CPU-made ones that CrypTen's own use (the same words on the CPU).
 - Shallow copies and clones without the empty sharing CrypTen builds and drops (`_wrapped`);
   products of two shared tensors without a clone of x's share that the product overwrites.
-- BatchNorm gradients with 3 full-size products instead of 6; no input gradient for a conv whose
-  input needs none; CrypTen's attribute-validation hook off (see `install`).
+- BatchNorm gradients with 3 full-size products instead of 6, the per-channel ones in one
+  dealt chain (two parties); no input gradient for a conv whose input needs none; CrypTen's
+  attribute-validation hook off (see `install`).
 - BatchNorm's running variance is the unbiased one, as in torch: CrypTen's `var(unbiased=True)`
   divides by n (its flag is inverted), so the batch is normalised as torch does but the running
   variance the owner decrypts for evaluation was n / (n - 1) too small (3 % at ResNet18's 32
@@ -51,6 +52,7 @@ tests/test_chains.py.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -252,30 +254,66 @@ def _avg_pool2d_backward(ctx: Any, grad_output: Any) -> Any:
 
 
 def _batchnorm_backward(ctx: Any, grad_output: Any) -> tuple[Any, Any, Any]:
-    """CrypTen's BatchNorm gradients with 3 full-size products instead of 6.
+    """CrypTen's BatchNorm gradients with 3 full-size products instead of 6, and 4 rounds.
 
     With s = weight * inv_var (per channel) and n values per channel, CrypTen's terms regroup:
     grad_input = g s - s sum(g) / n - x_norm s sum(g x_norm) / n, and sum(g x_norm) is the
     weight's gradient. With x_norm = centered * inv_var, the per-channel factors are products of
-    C values; only g centered, g s and centered (s grad_weight inv_var / n) run over the
-    activations. Dividing by n last also keeps the bits CrypTen loses in inv_var / n (a few
-    units of 2^-16 at n = 16k).
+    C values (`_channel_terms`, one dealt chain of two rounds); only g s, g centered and centered
+    (s inv_var grad_weight / n) run over the activations. s is the forward's own, opened there
+    as the product's operand, and g is opened once for both of its products: g s opens nothing.
+    Dividing by n last also keeps the bits CrypTen loses in inv_var / n (a few units of 2^-16
+    at n = 16k).
     """
-    centered, weight, inv_var, training = ctx.saved_tensors  # the last three (1, C, 1, ...)
+    centered, inv_var, scale, training = ctx.saved_tensors  # the last three (1, C, 1, ...)
     dims = [d for d in range(grad_output.dim()) if d != 1]
     per_channel = [1] * grad_output.dim()
     per_channel[1] = grad_output.size(1)
-    # sum(g x_norm) = sum(g centered) inv_var: x_norm itself is never formed (see the forward)
-    grad_weight = grad_output.mul(centered).sum(dims).mul(inv_var.reshape(-1))
-    grad_bias = grad_output.sum(dims)
-    scale = weight.mul(inv_var)
     grad_input = grad_output.mul(scale)
-    if training:
-        count = grad_output.nelement() // grad_output.size(1)
-        mean_term = scale.mul(grad_bias.reshape(per_channel)).div(-count)
-        spread = scale.mul(grad_weight.reshape(per_channel)).div(-count).mul(inv_var)
-        grad_input = grad_input.add(mean_term).add(centered.mul(spread))
-    return grad_input, grad_weight, grad_bias
+    # sum(g x_norm) = sum(g centered) inv_var: x_norm itself is never formed (see the forward)
+    spread_sum = grad_output.mul(centered).sum(dims)
+    grad_bias = grad_output.sum(dims)
+    if not training:
+        return grad_input, spread_sum.mul(inv_var.reshape(-1)), grad_bias
+    count = grad_output.nelement() // grad_output.size(1)
+    grad_weight, mean_term, spread = _channel_terms(
+        spread_sum, inv_var.reshape(-1), scale.reshape(-1), grad_bias
+    )
+    mean_term = mean_term.div(-count).reshape(per_channel)
+    spread = spread.div(-count).reshape(per_channel)
+    return grad_input.add(mean_term).add(centered.mul(spread)), grad_weight, grad_bias
+
+
+def _channel_terms(spread_sum: Any, inv_var: Any, scale: Any, grad_bias: Any) -> list[Any]:
+    """BatchNorm's per-channel factors: the weight's gradient sum(g centered) inv_var, s sum(g)
+    and s inv_var grad_weight, in two rounds of products on C values."""
+    products = _products(spread_sum, 4)
+    grad_weight, mean_term, ratio = products(
+        [(spread_sum, inv_var), (scale, grad_bias), (scale, inv_var)]
+    )
+    (spread,) = products([(ratio, grad_weight)])
+    return [grad_weight, mean_term, spread]
+
+
+Products = Callable[[list[tuple[Any, Any]]], list[Any]]
+
+
+def _products(like: Any, count: int) -> Products:
+    """A function that multiplies pairs of fixed-point MPCTensors shaped as `like`, a round a
+    call: on two CPU parties one dealt chain of `count` products (veiltrain.chains), CrypTen's
+    own products elsewhere."""
+    import crypten.communicator as comm
+
+    if not _chainable(like) or like.encoder.scale == 1:
+        return lambda pairs: [x.mul(y) for x, y in pairs]
+    scale, rank = int(like.encoder.scale), comm.get().get_rank()
+    chain = chains.Chain(tuple(like.size()), count, scale, rank)
+
+    def products(pairs: list[tuple[Any, Any]]) -> list[Any]:
+        shares = [(x._tensor.share, y._tensor.share) for x, y in pairs]
+        return [_like(like, z) for z in chain.products(shares)]
+
+    return products
 
 
 def _batchnorm_forward(  # noqa: PLR0917 (CrypTen passes these positionally)
@@ -306,10 +344,10 @@ def _batchnorm_forward(  # noqa: PLR0917 (CrypTen passes these positionally)
             else (variance + eps).inv_sqrt()
         )
     inv_var = inv_var.reshape(per_channel)
-    weight = weight.reshape(per_channel)
     # One product over the activations, by a per-channel factor: CrypTen formed x_norm first.
-    ctx.save_multiple_for_backward((centered, weight, inv_var, training))
-    return centered * (weight * inv_var) + bias.reshape(per_channel)
+    scale = weight.reshape(per_channel) * inv_var
+    ctx.save_multiple_for_backward((centered, inv_var, scale, training))
+    return centered * scale + bias.reshape(per_channel)
 
 
 def _batch_statistics(x: Any, running_mean: Any, running_var: Any, momentum: float) -> Any:
