@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import operator
 import secrets
 from typing import Any
 
@@ -11,7 +13,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from veiltrain import mpc, protocol  # mpc imports CrypTen, which installs the patches
+from veiltrain import mpc, protocol, signbits  # mpc imports CrypTen, which installs the patches
 from veiltrain.errors import PartyError
 
 
@@ -200,12 +202,18 @@ class _Dealer:
     device = "cpu"
     _get_additive_PRSS = protocol._dealer_prss
     private_and = protocol._dealer_private_and
+    tree_and = protocol._dealer_tree_and
 
     def __init__(self, keys: list[bytes]) -> None:
         self.generators = [protocol.KeyStream(k) for k in keys]
 
     def _get_generators(self, device: Any = None) -> list[protocol.KeyStream]:
         return self.generators
+
+    def _get_binary_PRSS(self, size: Any, remove_rank: bool = False) -> torch.Tensor:
+        """The XOR of the parties' draws (CrypTen's TTPServer method of this name)."""
+        draws = [s.words(int(np.prod(size))).reshape(size) for s in self.generators[remove_rank:]]
+        return functools.reduce(operator.xor, draws)
 
 
 def test_kept_triples_are_built_on_the_masks_the_parties_kept() -> None:
@@ -265,3 +273,22 @@ def test_an_and_of_private_inputs_gives_xor_shares_of_the_and() -> None:
     dealer.generators.append(protocol.KeyStream.fresh())
     with pytest.raises(PartyError, match="2 parties"):
         protocol._dealer_private_and(dealer, [3, 4])
+
+
+def test_carry_tree_gates_share_each_left_mask_between_its_two_gates() -> None:
+    # Every party draws the left masks (a row per pair), then the right ones (a row per gate),
+    # party 1 its c1; the dealer's c0 completes c = spread(a) & b, the mask of a pair's P_hi
+    # serving both of its gates (fastpath._PlaneGates).
+    keys = [secrets.token_bytes(protocol.KEY_BYTES) for _ in range(2)]
+    dealer, streams = _Dealer(keys), [protocol.KeyStream(k) for k in keys]
+    request = {"function": "tree_and", "device": None, "args": [5], "kwargs": {}}
+    assert protocol.checked_request(request) == ("tree_and", [5], {})
+    c0 = protocol._answer(dealer, request)
+    left, rows = signbits.left_rows(), signbits.tree_rows()
+    a = [s.words(left * 5).reshape(left, 5) for s in streams]
+    b = [s.words(rows * 5).reshape(rows, 5) for s in streams]
+    c1 = streams[1].words(rows * 5).reshape(rows, 5)
+    assert torch.equal(c0 ^ c1, (a[0] ^ a[1])[signbits.spread_index()] & (b[0] ^ b[1]))
+    for words in ("5", -1, 2.5, True, [5]):  # checked before any draw
+        with pytest.raises(PartyError, match="carry-tree"):
+            protocol._dealer_tree_and(dealer, words)

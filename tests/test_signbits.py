@@ -49,9 +49,9 @@ def test_the_carry_tree_gives_the_sign_of_the_sum() -> None:
     a, b = signbits.to_planes(first), signbits.to_planes(second)
     rows: list[int] = []
 
-    def plain_and(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        rows.append(x.shape[0])
-        return x & y
+    def plain_and(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        rows.append(right.shape[0])
+        return signbits.spread(left) & right
 
     carry = signbits.carry_into_top(a[:63] & b[:63], a[:63] ^ b[:63], plain_and)
     sign = signbits.from_plane(a[63] ^ b[63] ^ carry, first.numel())
@@ -64,6 +64,29 @@ def test_the_tree_spends_about_a_fifth_of_a_full_adders_gates() -> None:
     assert sum(signbits.triple_rows()) == 181
     assert len(signbits.triple_rows()) == 7
     assert sum(signbits.triple_rows()) < (64 + 6 * 128) / 4
+
+
+def test_each_gate_finds_its_left_mask_where_the_dealer_put_it() -> None:
+    # The parties spread each level's left masks over its gates (signbits.spread); the dealer
+    # builds the whole tree's triples through spread_index. Both must pick the same mask row.
+    left = torch.arange(signbits.left_rows())
+    levels, start = [], 0
+    for rows in signbits.triple_rows()[1:]:
+        pairs = (rows + 1) // 2
+        spread = signbits.spread(left[start : start + pairs])
+        assert spread.shape[0] == rows
+        levels.append(spread)
+        start += pairs
+    assert start == signbits.left_rows()
+    assert torch.equal(torch.cat(levels), left[signbits.spread_index()])
+
+
+def test_each_propagate_pair_is_opened_once_for_its_two_gates() -> None:
+    # Opened planes of the tree: a left operand a pair and a right operand a gate, against two
+    # operands a gate when every gate had its own triple.
+    assert signbits.tree_rows() == 118
+    assert signbits.left_rows() == 62
+    assert signbits.left_rows() + signbits.tree_rows() == 180 < 2 * signbits.tree_rows()
 
 
 def _edge_shares(encoded: np.ndarray) -> list[np.ndarray]:

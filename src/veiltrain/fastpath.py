@@ -19,7 +19,8 @@
   Kogge-Stone adder: 13 ANDs of N words and 7 dealer round trips for N values, most of a small
   CNN's forward pass. `veiltrain.signbits` computes only the carry into the sign bit, bit-sliced:
   2.8 N words of ANDs, all triples asked for at once, the first level (party 0's bits AND
-  party 1's) opening each party's own input only (`_PrivateAnd`); CrypTen's B2A finishes.
+  party 1's) opening each party's own input only (`_PrivateAnd`), a pair's propagate bits
+  opened once for their two gates (`_PlaneGates`); CrypTen's B2A finishes.
 - Openings and dealer trips (two parties, CPU): masked values are exchanged in one message each
   way over the parties' own TCP link instead of an all-reduce per tensor, and party 0 waits for
   the dealer's c (over its own link) only after the exchange (veiltrain.chains,
@@ -494,7 +495,7 @@ def _sign_plane(share: torch.Tensor, rank: int) -> torch.Tensor:
     # The dealer computes the triples while this party transposes its share.
     words = -(-share.numel() // signbits.WORD_BITS)
     generate = _PrivateAnd((signbits.CARRY_BITS, words), rank)
-    gates = _PlaneGates(signbits.tree_rows(), words, rank)
+    gates = _PlaneGates(words, rank)
     return signbits.sign_planes(signbits.to_planes(share), gates.and_, generate.and_)
 
 
@@ -589,21 +590,26 @@ class _PrivateAnd:
 
 
 class _PlaneGates:
-    """Secure ANDs of packed planes from one binary triple fetched up front (one dealer trip)."""
+    """Secure ANDs of packed planes from one dealt set of triples fetched up front (one dealer
+    trip): a gate row's left mask is its pair's row of the left masks (`signbits.spread`)."""
 
-    def __init__(self, rows: int, words: int, rank: int) -> None:
-        self._a, self._b, self._pending = protocol.binary_parts((rows, words), (rows, words))
+    def __init__(self, words: int, rank: int) -> None:
+        self._a, self._b, self._pending = protocol.tree_parts(words)
         self._c: torch.Tensor | None = None
-        self._next, self._rank = 0, rank
+        self._next = self._next_left = 0
+        self._rank = rank
 
     def and_(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """[x & y] from [x], [y] (Beaver: open x ^ a and y ^ b, both masked by fresh rows)."""
-        rows = slice(self._next, self._next + x.shape[0])
-        self._next = rows.stop
-        a, b = self._a[rows], self._b[rows]
-        if a.shape != x.shape or y.shape != x.shape:
-            raise RuntimeError(f"sign-bit gates: planes {tuple(x.shape)} past the triple's rows")
+        """[spread(x) & y] from [x] (one row per pair) and [y] (Beaver: x ^ a and y ^ b
+        opened, x once for its two gates)."""
+        rows = slice(self._next, self._next + y.shape[0])
+        lefts = slice(self._next_left, self._next_left + x.shape[0])
+        self._next, self._next_left = rows.stop, lefts.stop
+        a, b = self._a[lefts], self._b[rows]
+        if a.shape != x.shape or b.shape != y.shape or y.shape[0] != 2 * x.shape[0] - 1:
+            raise RuntimeError(f"sign-bit gates: planes {tuple(y.shape)} past the triple's rows")
         epsilon, delta = chains.open_masked([(x, a), (y, b)], binary=True)
+        epsilon, a = signbits.spread(epsilon), signbits.spread(a)
         z = (epsilon & b) ^ (a & delta)  # computed while the dealer may still compute c
         if self._rank == 0:
             z ^= epsilon & delta  # the public term, added by one party

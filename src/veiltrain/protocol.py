@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from veiltrain import peerlink, ringmath
+from veiltrain import peerlink, ringmath, signbits
 from veiltrain.errors import PartyError
 
 KEY_BYTES = 32
@@ -37,9 +37,11 @@ _SLACK_WORDS = 2
 MAX_MESSAGE_BYTES = 1 << 20
 """Dealer requests and size messages are a few hundred bytes; refuse anything near this."""
 
-TTP_FUNCTIONS = frozenset({"additive", "square", "binary", "wraps", "B2A", "select", "private_and"})
-"""What the dealer serves: CrypTen's TTP functions and veiltrain's `select` and
-`private_and`, nothing else."""
+TTP_FUNCTIONS = frozenset(
+    {"additive", "square", "binary", "wraps", "B2A", "select", "private_and", "tree_and"}
+)
+"""What the dealer serves: CrypTen's TTP functions and veiltrain's `select`, `private_and`
+and `tree_and`, nothing else."""
 TTP_OPS = frozenset(
     {"mul", "matmul", "conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d", "conv2d_weight"}
 )
@@ -328,6 +330,8 @@ def result_size(function: str, args: Sequence[Any], kwargs: dict[str, Any]) -> t
         return _broadcast(tuple(args[0]), tuple(args[1]))
     if function == "select":
         return torch.Size((3, int(args[0])))
+    if function == "tree_and":
+        return torch.Size((signbits.tree_rows(), int(args[0])))
     return torch.Size(tuple(args[0]))
 
 
@@ -515,18 +519,6 @@ def kept_parts(  # noqa: PLR0917 (the shapes, the masks, the op: all needed)
     return a, b, c
 
 
-def binary_parts(size0: Any, size1: Any) -> tuple[torch.Tensor, torch.Tensor, Pending]:
-    """A CPU binary triple's shares a and b now, c = a & b when asked (CrypTen's draws)."""
-    import crypten.communicator as comm
-    from crypten.mpc.provider.ttp_provider import TTPClient
-
-    generator = TTPClient.get().get_generator(device=None)
-    a = kbit_random_tensor(size0, generator=generator)
-    b = kbit_random_tensor(size1, generator=generator)
-    # Party 1 draws c as full words, as CrypTen's kbit draw of 64 bits does.
-    return a, b, _draws(generator, comm.get().get_rank(), "binary", size0, size1)
-
-
 def b2a_parts(size: Any) -> tuple[torch.Tensor, Pending]:
     """Shares of a random bit r: binary now, arithmetic when asked (CrypTen's `B2A_rng`)."""
     import crypten.communicator as comm
@@ -546,6 +538,30 @@ def private_and_parts(size: tuple[int, ...]) -> tuple[torch.Tensor, Pending]:
     generator = TTPClient.get().get_generator(device=None)
     mask = kbit_random_tensor(size, generator=generator)
     return mask, _draws(generator, comm.get().get_rank(), "private_and", size)
+
+
+def tree_parts(words: int) -> tuple[torch.Tensor, torch.Tensor, Pending]:
+    """This party's masks for the carry tree's gates over `words` words a plane: a for the left
+    operands (one row per pair, `signbits.left_rows`), b for the right ones (a row per gate),
+    and when asked its XOR share of c = spread(a) & b (`signbits.spread_index`)."""
+    import crypten.communicator as comm
+    from crypten.mpc.provider.ttp_provider import TTPClient
+
+    generator = TTPClient.get().get_generator(device=None)
+    a = kbit_random_tensor((signbits.left_rows(), words), generator=generator)
+    b = kbit_random_tensor((signbits.tree_rows(), words), generator=generator)
+    return a, b, _draws(generator, comm.get().get_rank(), "tree_and", words)
+
+
+def _dealer_tree_and(self: Any, words: Any) -> torch.Tensor:
+    """Party 0's c0 = (spread(a) & b) ^ c1 for the masks every party drew (`tree_parts`)."""
+    if not isinstance(words, int) or isinstance(words, bool) or words < 0:
+        raise PartyError(f"the dealer: carry-tree gates over {words!r} words")
+    a = self._get_binary_PRSS((signbits.left_rows(), words))
+    b = self._get_binary_PRSS((signbits.tree_rows(), words))
+    c: torch.Tensor = a[signbits.spread_index()] & b
+    c ^= self._get_binary_PRSS(c.size(), remove_rank=True)
+    return c
 
 
 def _dealer_private_and(self: Any, size: Any) -> torch.Tensor:
@@ -580,8 +596,6 @@ def select_parts(count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, 
 def _dealer_select(self: Any, count: int) -> torch.Tensor:
     """Party 0's (3, count) shares of r, r a and r a' for the bits r and masks a, a' that every
     party drew (`select_parts`, the same draws in the same order)."""
-    from veiltrain import signbits
-
     if not isinstance(count, int) or count < 0:
         raise PartyError(f"the dealer: a select of {count!r} values")
     packed = self._get_binary_PRSS((-(-count // 64),))
@@ -808,6 +822,7 @@ def install() -> None:
     ttp_provider.TTPServer.additive = _dealer_additive
     ttp_provider.TTPServer.select = _dealer_select
     ttp_provider.TTPServer.private_and = _dealer_private_and
+    ttp_provider.TTPServer.tree_and = _dealer_tree_and
     ttp_provider.TTPServer._get_additive_PRSS = _dealer_prss
     DistributedCommunicator.send_obj = send_obj
     DistributedCommunicator.recv_obj = recv_obj

@@ -6,7 +6,9 @@ values, 7 dealer round trips. Only the carry into the top bit is needed, and a t
 (generate, propagate) pairs halves the gates at every level. The bits are bit-sliced (plane k packs
 bit k of 64 values into one word), so a level's gates are whole planes: 181 planes of N/64 words in
 all (2.8 N words), and two dealer requests serve every level (the generate bits', below, and the
-tree's), asked for together: triples are data-independent.
+tree's), asked for together: triples are data-independent. At each level P_hi enters two gates
+(P_hi & G_lo and P_hi & P_lo): it is opened once, its two triples dealt on one mask, so a level
+opens 3 planes per pair where two independent gates opened 4 (`spread`).
 
 The first level, generate = s0 & s1, ANDs two private inputs (party 0's share's bits with party
 1's): each party opens only its own input, XOR-ed with a mask that only it and the dealer drew
@@ -28,6 +30,7 @@ CARRY_BITS = WORD_BITS - 1
 """Bits 0..62 decide the carry into the sign bit."""
 
 AndFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""A level's gates: and_fn(left, right) = spread(left) & right, left with one row per pair."""
 
 
 # Masks of the bit positions whose index has bit j clear, for each swap width j of the transpose.
@@ -76,6 +79,33 @@ def level_rows(groups: int) -> int:
     return 2 * pairs - 1 if pairs else 0
 
 
+def spread(left: torch.Tensor) -> torch.Tensor:
+    """A level's left operands row by row against its right ones: P_hi of every pair (against
+    G_lo), then P_hi of every pair but the lowest (against P_lo)."""
+    return torch.cat([left, left[1:]])
+
+
+def left_rows() -> int:
+    """Rows of left operands (and of their masks) over the whole tree: one per pair a level."""
+    rows, groups = 0, CARRY_BITS
+    while groups > 1:
+        rows += groups // 2
+        groups -= groups // 2
+    return rows
+
+
+def spread_index() -> torch.Tensor:
+    """For each gate row of the tree (`tree_rows` of them, level by level), the row of its left
+    operand among `left_rows` (level by level): where the dealer finds each gate's mask."""
+    index, groups, start = [], CARRY_BITS, 0
+    while groups > 1:
+        pairs = groups // 2
+        index += [*range(start, start + pairs), *range(start + 1, start + pairs)]
+        start += pairs
+        groups -= pairs
+    return torch.tensor(index, dtype=torch.int64)
+
+
 def triple_rows() -> list[int]:
     """Rows of AND gates per round: the generate bits, then each level of the carry tree."""
     rows, groups = [CARRY_BITS], CARRY_BITS
@@ -88,15 +118,16 @@ def triple_rows() -> list[int]:
 def carry_into_top(g: torch.Tensor, p: torch.Tensor, and_fn: AndFn) -> torch.Tensor:
     """The carry out of rows 0..62 from (generate, propagate) planes, one `and_fn` per level.
 
-    `and_fn` ANDs two equally shaped row stacks (XOR shares in MPC, plain words in tests).
-    Merging (G_lo, P_lo) under (G_hi, P_hi) gives (G_hi ^ P_hi & G_lo, P_hi & P_lo); XOR is OR
-    here because a group cannot both generate and propagate.
+    `and_fn(left, right)` ANDs `spread(left)` with `right` (XOR shares in MPC, plain words in
+    tests): left holds each pair's P_hi once. Merging (G_lo, P_lo) under (G_hi, P_hi) gives
+    (G_hi ^ P_hi & G_lo, P_hi & P_lo); XOR is OR here because a group cannot both generate and
+    propagate.
     """
     while g.shape[0] > 1:
         pairs = g.shape[0] // 2
         p_hi = p[1 : 2 * pairs : 2]
         lows = torch.cat([g[0 : 2 * pairs : 2], p[2 : 2 * pairs : 2]])
-        products = and_fn(torch.cat([p_hi, p_hi[1:]]), lows)
+        products = and_fn(p_hi, lows)
         merged_g = g[1 : 2 * pairs : 2] ^ products[:pairs]
         # Row 0 of p is never read (the lowest group's propagate): any row keeps indices aligned.
         merged_p = torch.cat([p_hi[:1], products[pairs:]])
