@@ -255,12 +255,12 @@ def _avg_pool2d_backward(ctx: Any, grad_output: Any) -> Any:
 
 
 def _batchnorm_backward(ctx: Any, grad_output: Any) -> tuple[Any, Any, Any]:
-    """CrypTen's BatchNorm gradients with 3 full-size products instead of 6, and 4 rounds.
+    """CrypTen's BatchNorm gradients with 3 full-size products instead of 6, and 5 rounds.
 
     With s = weight * inv_var (per channel) and n values per channel, CrypTen's terms regroup:
     grad_input = g s - s sum(g) / n - x_norm s sum(g x_norm) / n, and sum(g x_norm) is the
     weight's gradient. With x_norm = centered * inv_var, the per-channel factors are products of
-    C values (`_channel_terms`, one dealt chain of two rounds); only g s, g centered and centered
+    C values (`_channel_terms`, one dealt chain of three rounds); only g s, g centered and centered
     (s inv_var grad_weight / n) run over the activations. s is the forward's own, opened there
     as the product's operand, and g is opened once for both of its products: g s opens nothing.
     Dividing by n last also keeps the bits CrypTen loses in inv_var / n (a few units of 2^-16
@@ -278,21 +278,31 @@ def _batchnorm_backward(ctx: Any, grad_output: Any) -> tuple[Any, Any, Any]:
         return grad_input, spread_sum.mul(inv_var.reshape(-1)), grad_bias
     count = grad_output.nelement() // grad_output.size(1)
     grad_weight, mean_term, spread = _channel_terms(
-        spread_sum, inv_var.reshape(-1), scale.reshape(-1), grad_bias
+        spread_sum, inv_var.reshape(-1), scale.reshape(-1), grad_bias, count
     )
     mean_term = mean_term.div(-count).reshape(per_channel)
-    spread = spread.div(-count).reshape(per_channel)
-    return grad_input.add(mean_term).add(centered.mul(spread)), grad_weight, grad_bias
-
-
-def _channel_terms(spread_sum: Any, inv_var: Any, scale: Any, grad_bias: Any) -> list[Any]:
-    """BatchNorm's per-channel factors: the weight's gradient sum(g centered) inv_var, s sum(g)
-    and s inv_var grad_weight, in two rounds of products on C values."""
-    products = _products(spread_sum, 4)
-    grad_weight, mean_term, ratio = products(
-        [(spread_sum, inv_var), (scale, grad_bias), (scale, inv_var)]
+    return (
+        grad_input.add(mean_term).add(centered.mul(spread.reshape(per_channel))),
+        grad_weight,
+        grad_bias,
     )
-    (spread,) = products([(ratio, grad_weight)])
+
+
+def _channel_terms(  # noqa: PLR0917 (the four factors and n)
+    spread_sum: Any, inv_var: Any, scale: Any, grad_bias: Any, count: int
+) -> list[Any]:
+    """BatchNorm's per-channel factors in three rounds of products on C values: the weight's
+    gradient sum(g centered) inv_var, s sum(g), and s grad_weight / -n, times inv_var.
+
+    In that order, as before the chain: divided by n before the last factor, each product stays
+    near the size of its result. (s inv_var) grad_weight / n, one round less, multiplies by
+    inv_var (up to 316 at eps = 1e-5) before dividing: the share-wise truncation after a product
+    goes wrong with a probability that grows with the product's size.
+    """
+    products = _products(spread_sum, 4)
+    grad_weight, mean_term = products([(spread_sum, inv_var), (scale, grad_bias)])
+    (weighted,) = products([(scale, grad_weight)])
+    (spread,) = products([(weighted.div(-count), inv_var)])
     return [grad_weight, mean_term, spread]
 
 
