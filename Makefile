@@ -13,7 +13,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile src/veiltrain/_ringkernels.c
+$(STAMP): pyproject.toml Makefile src/veiltrain/_ringkernels.c src/veiltrain/_recordkernels.c
 	@command -v $(PY) >/dev/null || { echo "need $(PY) (set PY=python3.x, 3.11+)"; exit 1; }
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
