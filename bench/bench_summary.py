@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 import bench_rng
+import bench_truncation
 from bench_models import REFERENCES, build, kwargs_for
 from bench_sharing import machine_info
 from veiltrain import data, launch, owner, report, ringkernels
@@ -611,6 +612,7 @@ def markdown(summary: dict[str, Any]) -> str:
             f"{f['plaintext_rounding_accuracy_gap']} |"
         )
     lines += _scaling_rows(summary) if "scaling" in summary else []
+    lines += _truncation_rows(summary.get("truncation"))
     lines += _dispatch_rows(summary)
     lines += ["", "| goal | target | measured | met |", "|---|---|---|---|"]
     for name, g in summary["goals"].items():
@@ -653,6 +655,20 @@ def _scaling_rows(summary: dict[str, Any]) -> list[str]:
             f"| {p['epoch_s']} / {p['train_stage_s']} / {rss} |"
         )
     return lines
+
+
+def _truncation_rows(truncation: dict[str, Any] | None) -> list[str]:
+    """Expected share-wise truncation wraps (bench_truncation: plaintext magnitudes, an
+    estimate; each wrap puts one value 2^32 off)."""
+    if not truncation:
+        return []
+    return [
+        f"| truncation wraps expected a step, {name} (estimate, "
+        f"{m['values_truncated'] / 1e6:.1f} M values truncated) | "
+        f"{m['expected_wraps_per_step']:.1e} (1 in "
+        f"{m['steps_per_expected_wrap']} steps) |"
+        for name, m in truncation["models"].items()
+    ]
 
 
 def _dispatch_rows(summary: dict[str, Any]) -> list[str]:
@@ -711,6 +727,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     summary["fidelity"] = fid
     summary["rng_mib_s"] = rng["keystream_ring_mib_s"]
     summary["rng"] = rng
+    log("truncation wraps (estimate from a plaintext step)")
+    summary["truncation"] = bench_truncation.run(args.models.split(","))
     summary["scaling"] = {**scaling_section(args, work, encrypt), "party_peak_rss_mib": memory}
     summary["scaling"]["train"] = train_scaling(work)
     summary["dispatch"] = None if args.no_dispatch else _dispatch_or_error(work)

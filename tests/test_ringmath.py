@@ -199,3 +199,20 @@ def test_truncation_rounds_toward_zero_as_torchs_division(divisor: int) -> None:
     out = ringmath.trunc_div_(words, divisor)
     assert out is words  # in place, as the div_ it replaces
     assert torch.equal(out, expected)
+
+
+def test_two_party_truncation_wraps_about_x_over_2_64_of_the_time() -> None:
+    """The premise of bench_truncation's estimate (and of the README's ResNet18 note): each
+    party truncating its own share is exact to 1 unless the shares' sum overflows, which
+    happens for about |x| / 2^64 of uniform share pairs, and then the result is 2^48 off."""
+    samples, divisor = 1 << 22, 2**16
+    x = torch.full((samples,), 1 << 56, dtype=torch.int64)
+    x[::2] = -x[::2]
+    share0 = _words(samples, seed=11)
+    share1 = x - share0
+    total = ringmath.trunc_div_(share0, divisor) + ringmath.trunc_div_(share1, divisor)
+    error = (total - x.div(divisor, rounding_mode="trunc")).abs()
+    wrapped = error > 1
+    expected = samples * 2.0**-8  # |x| / 2^64 = 2^-8: 16384 of them, Poisson sd 128
+    assert abs(int(wrapped.sum()) - expected) < 5 * 128
+    assert torch.all(error[wrapped] >= 2**48 - 1)
