@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import importlib.util
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
+from veiltrain import cext
 
 Array = npt.NDArray[Any]
 
@@ -28,10 +29,9 @@ _MOMENTS_ARGS = [_P, _P, _N, _N, _P, _N, _P, _P, _P]
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     """The built extension as a C library, or None where it was not built."""
-    spec = importlib.util.find_spec("veiltrain._recordkernels")
-    if spec is None or spec.origin is None:
+    lib = cext.load("veiltrain._recordkernels")
+    if lib is None:
         return None
-    lib = ctypes.CDLL(spec.origin)
     for kind in _DTYPES.values():
         getattr(lib, f"encode_records_{kind}").argtypes = _ENCODE_ARGS
         getattr(lib, f"encode_records_{kind}").restype = _N

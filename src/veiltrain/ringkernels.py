@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import importlib.util
 from typing import Any
 
 import torch
+
+from veiltrain import cext
 
 COLUMNS = (8, 32)
 """Output channels the C loop takes: a vector holds 8 (fewer leave lanes idle: 3 channels ran
@@ -33,10 +34,9 @@ _N = ctypes.c_int64
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     """The built extension as a C library, or None where it was not built."""
-    spec = importlib.util.find_spec("veiltrain._ringkernels")
-    if spec is None or spec.origin is None:
+    lib = cext.load("veiltrain._ringkernels")
+    if lib is None:
         return None
-    lib = ctypes.CDLL(spec.origin)
     lib.gathered_product.argtypes = [_P, _P, _P, _P, _P, _N, _N, _N, ctypes.c_int]
     lib.gathered_product.restype = None
     lib.vectorised.restype = ctypes.c_int
