@@ -11,6 +11,7 @@ import json
 import math
 import random
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import pytest
 
 from veiltrain import launch, owner, report, watchdog
 from veiltrain.config import RunConfig, load_config
-from veiltrain.contract import TrainJob, TrainRun
+from veiltrain.contract import TrainJob, TrainRun, owner_location
 from veiltrain.errors import ConfigError
 from veiltrain.summary import summary_lines
 from veiltrain.watchdog import Divergence, DivergenceError
@@ -99,6 +100,20 @@ def test_the_first_bad_epoch_is_reported() -> None:
     assert _found(curve).epoch == 2
 
 
+def test_a_lone_bad_step_with_healthy_steps_after_it_is_told_apart() -> None:
+    """One wrapped step among healthy ones (a share-wise truncation wrap, as emulated end to
+    end below) against the starts of divergence, which do not recover."""
+    healthy = _healthy(2, 4)
+    lone = [*healthy[:2], 2.0e9, *healthy[3:]]
+    assert _found(lone).lone and _found(lone).step == 3
+    assert _found([*healthy[:2], -4.1, *healthy[3:]]).lone
+    assert not _found([*healthy[:2], 2.0e9, 3.1e8, *healthy[4:]]).lone  # two bad steps
+    assert not _found([*healthy[:7], 2.0e9]).lone  # the last step: nothing after it to judge
+    jumped = [*healthy[:2], 2.0e9, *healthy[3:4], 9.0, 9.5, 9.0, 9.2]  # then an epoch's jump
+    assert not _found(jumped).lone
+    assert not _found([2.3, 2.0, 1.8, 1.6, 9.0, 9.0, 9.0, 9.0]).lone  # a jump is never lone
+
+
 def test_chance_level_losses() -> None:
     assert watchdog.chance_loss("cross-entropy", 10) == pytest.approx(2.302585)
     assert watchdog.chance_loss("mse", 10) == pytest.approx(0.09)
@@ -159,6 +174,43 @@ def test_each_rollback_lowers_the_lr_from_its_epoch_and_is_recorded(
         watchdog.Rollback(1, "wrapped", 2.0),
         watchdog.Rollback(2, "jumped", 0.2),
     ]
+
+
+def test_a_lone_bad_step_is_retried_once_at_the_same_lr_then_backs_off(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    lone = Divergence(1, 3, "overflow", "wrapped", lone=True)
+    script = [lone, lone, Divergence(2, 6, "overflow", "wrapped", lone=True), None]
+    cfg, jobs = _scripted(monkeypatch, tmp_path, script, epochs=3, max_rollbacks=1)
+    notes: list[str] = []
+    watchdog.supervise(cfg, _job(cfg), jobs.append, notify=notes.append)
+    # epoch 1: a retry at lr 20, then (bad again) a backoff to 2; epoch 2: its own retry at 2
+    assert [j.lr_from_epoch for j in jobs] == [{}, {1: 20.0}, {1: 2.0}, {1: 2.0, 2: 2.0}]
+    assert watchdog.load(cfg) == [
+        watchdog.Rollback(1, "wrapped", 20.0, retry=True),
+        watchdog.Rollback(1, "wrapped", 2.0),
+        watchdog.Rollback(2, "wrapped", 2.0, retry=True),
+    ]
+    assert "most likely a share-wise truncation wrap" in notes[0] and "same lr 20" in notes[0]
+    assert "rollback 1 of at most 1" in notes[1]  # retries are not counted in max_rollbacks
+
+
+def test_a_retry_is_allowed_even_with_no_rollbacks_left(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    lone = Divergence(2, 5, "negative", "wrapped", lone=True)
+    cfg, jobs = _scripted(monkeypatch, tmp_path, [lone, lone], max_rollbacks=0)
+    with pytest.raises(DivergenceError, match="rolled back 0 time"):
+        watchdog.supervise(cfg, _job(cfg), jobs.append, notify=lambda _: None)
+    assert [j.lr_from_epoch for j in jobs] == [{}, {2: 20.0}]
+    assert watchdog.load(cfg) == [watchdog.Rollback(2, "wrapped", 20.0, retry=True)]
+
+
+def test_a_record_from_before_retries_reads_as_backoffs(tmp_path: Path) -> None:
+    cfg = load_config(**{**OPTIONS, "out": str(tmp_path / "run")}).resolved()
+    record = {"run_id": cfg.run_id, "rollbacks": [{"epoch": 2, "reason": "r", "lr": 2.0}]}
+    owner_location(cfg).write_bytes(watchdog.RECORD, json.dumps(record).encode())
+    assert watchdog.load(cfg) == [watchdog.Rollback(2, "r", 2.0, retry=False)]
 
 
 def test_the_record_is_applied_when_the_stage_runs_again(
@@ -253,7 +305,7 @@ def test_the_watchdog_rolls_back_and_trains_on_at_a_lower_lr(
     assert "rolled back to the checkpoint of epoch" in notes[0]
     result = report.build_report(cfg, {})
     assert result["rollbacks"] == [
-        {"epoch": r.epoch, "reason": r.reason, "lr": r.lr} for r in rollbacks
+        {"epoch": r.epoch, "reason": r.reason, "lr": r.lr, "retry": r.retry} for r in rollbacks
     ]
     assert watchdog.detect(result["losses"], len(result["losses"]) // 2, CHANCE) is None
     # Parity with the plaintext shadow replaying the same schedule. After a rollback to lr 2
@@ -275,3 +327,40 @@ def test_past_the_limit_the_stage_fails_and_leaves_the_checkpoints(
         watchdog.supervise(cfg, owner.train_job(cfg), _train(cfg, []))
     assert watchdog.load(cfg) == []
     assert report.reconstruct(cfg).epochs == 2  # nothing removed: a new run decides
+
+
+WRAP_AT = 5
+"""Party 0's fifth truncation of a 4-d share: a convolution's output in the forward pass of the
+second step (the first step's are the two convolutions' outputs and two of its gradients). Its
+first word in each sample is wrapped (tests/wrap_party.py says why not just one)."""
+
+
+@pytest.mark.slow
+def test_one_truncation_wrap_is_retried_at_the_same_lr_and_parity_holds(tmp_path: Path) -> None:
+    """A party process wraps one truncation on purpose (tests/wrap_party.py): the step's loss
+    is garbage and the steps after it are healthy, so the watchdog retrains the epoch at the
+    same lr instead of lowering it, and the retrained run keeps parity with plaintext."""
+    cfg = load_config(**{**OPTIONS, "lr": 0.5, "out": str(tmp_path / "run")}).resolved()
+    owner.encrypt_dataset(cfg)
+    owner.encrypt_model(cfg)
+    owner.upload(cfg)
+    entry = [sys.executable, str(Path(__file__).with_name("wrap_party.py")), str(tmp_path)]
+    jobs: list[TrainJob] = []
+
+    def train(job: TrainJob) -> TrainRun:
+        jobs.append(job)
+        return launch.run_local(cfg.stores(), job, lambda e: None, entry=[*entry, str(WRAP_AT)])
+
+    notes: list[str] = []
+    watchdog.supervise(cfg, owner.train_job(cfg), train, notify=notes.append)
+    assert json.loads((tmp_path / "wrapped").read_text())["call"] == WRAP_AT
+    (rollback,) = watchdog.load(cfg)
+    assert rollback.retry and rollback.lr == 0.5 and rollback.epoch == 1, (rollback, notes)
+    assert "wrapped around" in rollback.reason  # beyond +-1e4, or negative: either way garbage
+    assert "most likely a share-wise truncation wrap" in notes[0]
+    assert [j.lr_from_epoch for j in jobs] == [{}, {1: 0.5}]
+    result = report.build_report(cfg, {})
+    losses = result["losses"]
+    assert watchdog.detect(losses, len(losses) // 2, CHANCE) is None, losses
+    assert result["max_loss_gap"] < 0.05, (losses, result["plaintext_losses"])
+    assert any("epoch 1 retried at lr 0.5" in s for s in summary_lines(result))

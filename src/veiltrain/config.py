@@ -90,7 +90,8 @@ class RunConfig(BaseModel):
         le=10,
         description=(
             "times the divergence watchdog may roll training back to the last good checkpoint "
-            "and retry with a 10x lower learning rate before the train stage fails"
+            "and retry with a 10x lower learning rate before the train stage fails (a retry at "
+            "the same rate after one lone bad step, a truncation wrap, is not counted)"
         ),
     )
 

@@ -41,8 +41,12 @@ def _rounding(report: dict[str, Any]) -> list[str]:
 
 
 def _rollback_line(rollbacks: list[dict[str, Any]]) -> str:
-    """'divergence watchdog: 1 rollback (epoch 1 -> lr 2); see report.json'."""
-    steps = ", ".join(f"epoch {r['epoch']} -> lr {r['lr']:g}" for r in rollbacks)
+    """'divergence watchdog: 1 rollback (epoch 1 -> lr 2); see report.json' (a retry after a
+    lone bad step reads 'epoch 1 retried at lr 20')."""
+    steps = ", ".join(
+        f"epoch {r['epoch']} {'retried at' if r.get('retry') else '->'} lr {r['lr']:g}"
+        for r in rollbacks
+    )
     plural = "s" if len(rollbacks) > 1 else ""
     return f"divergence watchdog: {len(rollbacks)} rollback{plural} ({steps}); see report.json"
 

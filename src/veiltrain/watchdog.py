@@ -24,6 +24,16 @@ Thresholds (measured with digits, 128 training samples, batch 32, small CNN; NOT
   epoch lost more than training from scratch could ever gain: it diverged, wrapped or not. Epoch
   means, not single steps: one noisy batch of a healthy run never moves a mean that far.
 
+A lone bad step (nan, overflow or negative) whose later steps are all healthy is most likely not
+divergence but a wrap of the parties' share-wise truncation: each party truncates its own share
+of a product, and for a value x at scale 2^32 the two shares overflow together with probability
+about |x| / 2^64 (ResNet18 meets one in about 435 steps; bench/bench_truncation.py), putting
+one activation 2^32 off. Emulated in a ResNet-style run, one such wrap in the forward pass gave
+that step a loss near 2e9 and left the later steps' losses healthy, but the decrypted model's
+parity with plaintext weaker (NOTES.md, thirteenth session). Its epoch is retrained once at the
+same learning rate (a retry, with fresh protocol randomness; not counted in `max_rollbacks`);
+if the epoch goes wrong again, the learning rate is lowered as for divergence.
+
 The rollback record (private/watchdog.json in the owner's store) keeps the schedule, so a rerun
 of the stage, the report's plaintext shadow and a later resume all use the same learning rates.
 """
@@ -71,15 +81,19 @@ class Divergence:
     """The first bad global step (1-based); for a jump, the epoch's first step."""
     kind: Kind
     reason: str
+    lone: bool = False
+    """The only bad step, with healthy steps after it: most likely a truncation wrap."""
 
 
 @dataclass(frozen=True)
 class Rollback:
-    """One rollback: the epoch training restarted at, why, and its new learning rate."""
+    """One rollback: the epoch training restarted at, why, and its learning rate from then on
+    (unchanged for a retry after a lone bad step)."""
 
     epoch: int
     reason: str
     lr: float
+    retry: bool = False
 
 
 # ---------------------------------------------------------------------------------- detection
@@ -93,6 +107,14 @@ def chance_loss(loss: str, num_classes: int) -> float:
 
 def detect(losses: Sequence[float], steps_per_epoch: int, chance: float) -> Divergence | None:
     """The first bad epoch of a decrypted per-step loss curve, or None when it is healthy."""
+    found = _scan(losses, steps_per_epoch, chance)
+    if found is None or found.kind == "jump":
+        return found
+    return replace(found, lone=_lone(losses, found.step, steps_per_epoch, chance))
+
+
+def _scan(losses: Sequence[float], steps_per_epoch: int, chance: float) -> Divergence | None:
+    """detect's pass over the curve, without judging whether a bad step is lone."""
     if not losses:
         return None
     scale = max(losses[0], chance) if math.isfinite(losses[0]) else chance
@@ -117,6 +139,15 @@ def detect(losses: Sequence[float], steps_per_epoch: int, chance: float) -> Dive
             )
         best = min(best, mean)
     return None
+
+
+def _lone(losses: Sequence[float], step: int, steps_per_epoch: int, chance: float) -> bool:
+    """Whether bad `step` (1-based, not the first) has later steps and the curve is healthy with
+    its loss replaced by the step before's: nothing else went wrong."""
+    if step < 2 or step >= len(losses):
+        return False
+    patched = [*losses[: step - 1], losses[step - 2], *losses[step:]]
+    return _scan(patched, steps_per_epoch, chance) is None
 
 
 def _bad_step(values: Sequence[float], epoch: int, first_step: int) -> Divergence | None:
@@ -163,7 +194,8 @@ def load(cfg: RunConfig) -> list[Rollback]:
         if value["run_id"] != cfg.run_id:
             raise ValueError(f"it belongs to run {value['run_id']!r}")
         return [
-            Rollback(int(r["epoch"]), str(r["reason"]), float(r["lr"])) for r in value["rollbacks"]
+            Rollback(int(r["epoch"]), str(r["reason"]), float(r["lr"]), r.get("retry") is True)
+            for r in value["rollbacks"]
         ]
     except (KeyError, TypeError, ValueError) as exc:
         raise IntegrityError(f"{owner.url}/{RECORD}: malformed watchdog record ({exc})") from None
@@ -225,11 +257,26 @@ def supervise(
         if found is None:
             return result
         rollbacks = _roll_back(cfg, job, rollbacks, found)
-        notify(
-            f"watchdog: {found.reason}; rolled back to the checkpoint of epoch "
-            f"{found.epoch - 1}, retraining from epoch {found.epoch} with lr {rollbacks[-1].lr:g} "
-            f"(rollback {len(rollbacks)} of at most {cfg.max_rollbacks})"
+        notify(_note(cfg, found, rollbacks))
+
+
+def _note(cfg: RunConfig, found: Divergence, rollbacks: Sequence[Rollback]) -> str:
+    last, back = rollbacks[-1], f"rolled back to the checkpoint of epoch {found.epoch - 1}"
+    if last.retry:
+        return (
+            f"watchdog: {found.reason}; a lone bad step with healthy steps after it, most likely "
+            f"a share-wise truncation wrap: {back}, retraining from epoch {found.epoch} at the "
+            f"same lr {last.lr:g} (a retry, once an epoch)"
         )
+    return (
+        f"watchdog: {found.reason}; {back}, retraining from epoch {found.epoch} with lr "
+        f"{last.lr:g} (rollback {_backoffs(rollbacks)} of at most {cfg.max_rollbacks})"
+    )
+
+
+def _backoffs(rollbacks: Sequence[Rollback]) -> int:
+    """Rollbacks that lowered the lr: the ones `max_rollbacks` limits."""
+    return sum(not r.retry for r in rollbacks)
 
 
 def _roll_back(
@@ -243,14 +290,20 @@ def _roll_back(
             f"run {cfg.run_id}: {found.reason}, before any training step, so a lower "
             "learning rate cannot help; check the data's scale (standardise it) and the model"
         )
-    if len(rollbacks) >= cfg.max_rollbacks:
+    retried = any(r.retry and r.epoch == found.epoch for r in rollbacks)
+    if found.lone and not retried:
+        return _record(cfg, [*rollbacks, Rollback(found.epoch, found.reason, lr, retry=True)])
+    if _backoffs(rollbacks) >= cfg.max_rollbacks:
         raise DivergenceError(
             f"run {cfg.run_id}: training diverged in epoch {found.epoch} at lr {lr:g}: "
-            f"{found.reason}. The watchdog rolled back {len(rollbacks)} time(s), the most "
+            f"{found.reason}. The watchdog rolled back {_backoffs(rollbacks)} time(s), the most "
             f"allowed (max_rollbacks {cfg.max_rollbacks}). Start a new run with a lower --lr "
             f"(e.g. --lr {lr * LR_BACKOFF:g}); the checkpoints are left as they are"
         )
-    updated = [*rollbacks, Rollback(found.epoch, found.reason, lr * LR_BACKOFF)]
+    return _record(cfg, [*rollbacks, Rollback(found.epoch, found.reason, lr * LR_BACKOFF)])
+
+
+def _record(cfg: RunConfig, updated: list[Rollback]) -> list[Rollback]:
     save(cfg, updated)
-    rewind(cfg, found.epoch)
+    rewind(cfg, updated[-1].epoch)
     return updated
