@@ -9,7 +9,8 @@ to the first word of each sample in its K-th truncation of a four-dimensional te
 outputs and their gradients), once: MARKER_DIR/wrapped records the call, and later processes (a
 retrained epoch) leave their truncations alone. One wrapped word per sample, not one in all:
 a single wrapped activation shows in the loss only when its sample's label is not the class its
-huge logit favours (about 9 times in 10 on digits), and the test must see it every time.
+huge logit favours (reasoned: about 9 times in 10 with ten classes; one wrapped word went unseen
+once in about 16 runs), and the test must see it every time.
 """
 
 from __future__ import annotations
