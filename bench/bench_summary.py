@@ -344,8 +344,13 @@ def _stock_or_error(case: ModelCase, npz: Path, work: Path, device: str) -> dict
         return {"step_s": None, "steps": [], "phases_s": {}, "error": str(exc)[-300:]}
 
 
-def veiltrain_run(
-    case: ModelCase, dataset: str, epochs: int, work: Path, device: str = "cpu"
+def veiltrain_run(  # noqa: PLR0917 (the case, where, and two run options)
+    case: ModelCase,
+    dataset: str,
+    epochs: int,
+    work: Path,
+    device: str = "cpu",
+    truncation: str = "local",
 ) -> dict[str, Any]:
     """veiltrain's stages in order, parties through bench/timed_party.py, then the report."""
     # Built-in models get their sizes from the data; a factory reference needs them given.
@@ -362,6 +367,7 @@ def veiltrain_run(
         run_id=f"bench-{case.name}",
         timeout_s=900,
         device=device,
+        truncation=truncation,
     ).resolved()
     stages: dict[str, float] = {}
     facts = _timed(stages, "encrypt_dataset", lambda: owner.encrypt_dataset(cfg))
@@ -468,6 +474,7 @@ def train_model(args: argparse.Namespace, case: ModelCase, work: Path) -> tuple[
     load["veiltrain"] = _load_average()
     run = veiltrain_run(case, dataset, epochs, work, args.device)
     mine = veiltrain_steps(case, run)
+    exact = _exact_truncation(case, run, (dataset, epochs, work, args.device))
     load["end"] = _load_average()
     steps = {
         "batch": case.batch,
@@ -476,11 +483,28 @@ def train_model(args: argparse.Namespace, case: ModelCase, work: Path) -> tuple[
         # A step still running at the stock run's deadline: how long it had run, a lower bound.
         "stock_crypten_at_least": (stock.get("unfinished") or {}).get("running_s"),
         "veiltrain": mine["step_s"],
+        "truncation": run["report"]["truncation"],
+        "exact_truncation": exact,
         "load_average_before": load,
         "detail": {"plaintext": plain, "stock_crypten": stock, "veiltrain": mine},
     }
     uploads = {k: run[k] for k in ("bytes_uploaded", "bytes_encoded")}
     return steps, fidelity(run), party_memory(run), uploads
+
+
+def _exact_truncation(case: ModelCase, run: dict[str, Any], where: tuple[Any, ...]) -> Any:
+    """Where `--truncation auto` chose local: the same run with exact truncation (its step and
+    loss gap), so the table shows what exactness costs. None where auto chose exact already."""
+    if run["report"]["truncation"]["mode"] == "exact":
+        return None
+    dataset, epochs, work, device = where
+    log(f"train {case.name}: veiltrain with --truncation exact")
+    exact = veiltrain_run(case, dataset, epochs, work / "exact", device, truncation="exact")
+    return {
+        "step_s": veiltrain_steps(case, exact)["step_s"],
+        "max_loss_gap": round(exact["report"]["max_loss_gap"], 4),
+        "accuracy_gap": round(exact["report"]["accuracy_gap"], 4),
+    }
 
 
 def train_section(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], ...]:
@@ -687,10 +711,19 @@ def _dispatch_rows(summary: dict[str, Any]) -> list[str]:
 def _train_rows(name: str, t: dict[str, Any]) -> list[str]:
     if "error" in t:
         return [f"| train step, {name} | failed: {t['error'][:120]} |"]
+    mode = t.get("truncation", {}).get("mode", "local")
     rows = [
         f"| train step s, {name} (batch {t['batch']}): plaintext / stock CrypTen / veiltrain "
-        f"| {t['plaintext']} / {_stock_shown(t)} / {t['veiltrain']} |"
+        f"(truncation {mode}) | {t['plaintext']} / {_stock_shown(t)} / {t['veiltrain']} |"
     ]
+    exact = t.get("exact_truncation")
+    if exact:
+        rows.append(
+            f"| train step s, {name}, veiltrain with --truncation exact: step / x the row "
+            f"above / loss gap / accuracy gap | {exact['step_s']} / "
+            f"{_ratio(exact['step_s'], t['veiltrain'])} / {exact['max_loss_gap']} / "
+            f"{exact['accuracy_gap']} |"
+        )
     for who in ("stock_crypten", "veiltrain"):
         phases = t["detail"][who]["phases_s"]
         if not phases:

@@ -11,8 +11,12 @@ gradient shares `a` to zero parameters and writes its parameter shares ("guard-b
 with the guard on sums of 4 gradients). MODE "signs": a party writes its shares of a < 0
 (veiltrain's bit-sliced comparison and CrypTen's own) and of relu(a); "signs-stalled": the same,
 but party 1 first sleeps past the timeout, so party 0 waits in an opening. MODE "chains": a party
-writes its shares of exp(a) and inv_sqrt(b), veiltrain's and CrypTen's. MODE "stall": a party
-joins and then sends nothing for TIMEOUT_S + 5 s, so that the dealer's wait times out. No party ever
+writes its shares of exp(a) and inv_sqrt(b), veiltrain's and CrypTen's. MODE "trunc": a party
+writes its shares of a >> 16 by the exact truncation and by CrypTen's share-wise one, and the
+words it received doing the exact one. MODE "layers": a convolution, BatchNorm and ReLU forward
+and backward, with every word received in an opening ("layers-exact": the forward's products
+truncated exactly). MODE "stall": a party joins and then sends nothing for TIMEOUT_S + 5 s, so
+that the dealer's wait times out. No party ever
 decrypts: get_plain_text and reveal are made to raise. The dealer (RANK == WORLD_SIZE) only
 serves Beaver triples. A veiltrain error is printed as "<ErrorType>: <message>" on stderr with
 exit status 3.
@@ -203,6 +207,46 @@ def chains(rank: int, folder: Path, precision_bits: int) -> None:
     )
 
 
+def truncations(rank: int, folder: Path, precision_bits: int) -> None:
+    """Shares of a >> precision_bits (raw words) by the exact truncation and by CrypTen's
+    share-wise one; with the words this party received: c opened and, for party 0, the dealer's
+    answer."""
+    from veiltrain import chains, mpc, peerlink, ringmath, truncation
+
+    received: list[np.ndarray] = []
+    original_exchange, original_post = chains.exchange, peerlink.DealerClient.post
+
+    def exchanged(mine: torch.Tensor) -> torch.Tensor:
+        theirs = original_exchange(mine)
+        received.append(theirs.numpy().copy())
+        return theirs
+
+    def posted(self: Any, request: bytes, into: torch.Tensor) -> Any:
+        arrived = original_post(self, request, into)
+
+        def wait() -> None:
+            arrived()
+            received.append(into.reshape(-1).numpy().copy())
+
+        return wait
+
+    with np.load(folder / f"in_{rank}.npz", allow_pickle=False) as data:
+        share = torch.from_numpy(data["a"])
+    mpc.from_shares(share, precision_bits)  # the session's first use sets CrypTen up
+    chains.exchange, peerlink.DealerClient.post = exchanged, posted  # type: ignore[method-assign]
+    try:
+        exact = truncation.trunc_exact(share, precision_bits, rank)
+    finally:
+        chains.exchange, peerlink.DealerClient.post = original_exchange, original_post
+    local = ringmath.trunc_div_(share.clone(), 1 << precision_bits)
+    np.savez(
+        folder / f"out_{rank}.npz",
+        exact=exact.numpy(),
+        local=local.numpy(),
+        received=np.concatenate(received),
+    )
+
+
 def pooling(rank: int, folder: Path, precision_bits: int) -> None:
     """2x2 max pooling of a (values, one-hots, input gradient) by tournament and by CrypTen."""
     from crypten.cryptensor import CrypTensor
@@ -278,10 +322,11 @@ def openings(rank: int, folder: Path, precision_bits: int) -> None:
     )
 
 
-def layers(rank: int, folder: Path, precision_bits: int) -> None:
+def layers(rank: int, folder: Path, precision_bits: int, exact: bool = False) -> None:
     """A convolution, BatchNorm and ReLU, forward and backward through CrypTen's autograd: the
-    output and gradients, and every word this party received in an opening, by opening."""
-    from veiltrain import chains, mpc
+    output and gradients, and every word this party received in an opening, by opening. With
+    `exact`, the forward's products are truncated exactly, as a job asking for it trains."""
+    from veiltrain import chains, mpc, truncation
 
     opened: list[np.ndarray] = []
     original = chains.open_masked
@@ -303,7 +348,8 @@ def layers(rank: int, folder: Path, precision_bits: int) -> None:
         parameter.requires_grad = True
     chains.open_masked = recorded
     try:
-        out = x.conv2d(kernel, padding=1).batchnorm(weight, bias, training=True).relu()
+        with truncation.exact_products(exact):
+            out = x.conv2d(kernel, padding=1).batchnorm(weight, bias, training=True).relu()
         out.backward(g)
     finally:
         chains.open_masked = original
@@ -361,12 +407,16 @@ def _party_work(mode: str, rank: int, folder: Path, precision_bits: int, timeout
         relu(rank, folder, precision_bits)
     elif mode == "pooling":
         pooling(rank, folder, precision_bits)
+    elif mode == "trunc":
+        truncations(rank, folder, precision_bits)
     elif mode == "kernel-grad":
         kernel_grad(rank, folder, precision_bits)
     elif mode == "openings":
         openings(rank, folder, precision_bits)
     elif mode == "layers":
         layers(rank, folder, precision_bits)
+    elif mode == "layers-exact":
+        layers(rank, folder, precision_bits, exact=True)
     elif mode == "signs-stalled":
         if rank == 1:
             time.sleep(timeout_s + 5)

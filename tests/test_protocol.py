@@ -203,6 +203,7 @@ class _Dealer:
     _get_additive_PRSS = protocol._dealer_prss
     private_and = protocol._dealer_private_and
     tree_and = protocol._dealer_tree_and
+    trunc = protocol._dealer_trunc
 
     def __init__(self, keys: list[bytes]) -> None:
         self.generators = [protocol.KeyStream(k) for k in keys]

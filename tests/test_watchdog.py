@@ -7,6 +7,7 @@ cross-entropies among them. With it, the run rolls back and trains on at lr 2.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -200,10 +201,22 @@ def test_a_retry_is_allowed_even_with_no_rollbacks_left(
 ) -> None:
     lone = Divergence(2, 5, "negative", "wrapped", lone=True)
     cfg, jobs = _scripted(monkeypatch, tmp_path, [lone, lone], max_rollbacks=0)
-    with pytest.raises(DivergenceError, match="rolled back 0 time"):
+    with pytest.raises(DivergenceError, match="rolled back 0 time") as caught:
         watchdog.supervise(cfg, _job(cfg), jobs.append, notify=lambda _: None)
+    assert "rerun with --truncation exact" in str(caught.value)  # a wrap again, most likely
     assert [j.lr_from_epoch for j in jobs] == [{}, {2: 20.0}]
     assert watchdog.load(cfg) == [watchdog.Rollback(2, "wrapped", 20.0, retry=True)]
+
+
+def test_a_run_truncating_exactly_is_not_told_to(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    lone = Divergence(2, 5, "negative", "wrapped", lone=True)
+    cfg, jobs = _scripted(monkeypatch, tmp_path, [lone, lone], max_rollbacks=0)
+    job = dataclasses.replace(_job(cfg), truncation="exact")
+    with pytest.raises(DivergenceError, match="rolled back 0 time") as caught:
+        watchdog.supervise(cfg, job, jobs.append, notify=lambda _: None)
+    assert "--truncation" not in str(caught.value)
 
 
 def test_a_record_from_before_retries_reads_as_backoffs(tmp_path: Path) -> None:
@@ -232,6 +245,7 @@ def test_the_limit_fails_naming_epoch_reason_and_what_to_do(
     message = str(caught.value)
     assert "epoch 2 at lr 2" in message and "the loss wrapped around" in message
     assert "--lr 0.2" in message and "max_rollbacks 1" in message
+    assert "--truncation" not in message  # not a lone step: divergence, not a wrap
     assert len(jobs) == 2 and len(watchdog.load(cfg)) == 1
 
 

@@ -40,6 +40,7 @@ _TEXT = (
     "out",
     "run_id",
     "warm_start",
+    "truncation",
 )
 
 

@@ -54,6 +54,9 @@ class TrainJob:
     invertible (veiltrain.runstate)."""
     device: str = "cpu"
     timeout_s: float = 300.0
+    truncation: Literal["local", "exact"] = "local"
+    """How the forward pass's products are truncated (RunConfig.truncation); operational, like
+    the device: outside the settings tag, so a resume may switch."""
     lr_from_epoch: dict[int, float] = field(default_factory=dict)
     """Learning-rate changes, epoch -> lr from that epoch on (the divergence watchdog's backoff);
     empty: `lr` throughout. Public like `lr`, and outside the settings tag, so that the
@@ -77,6 +80,8 @@ class TrainJob:
             changes = {int(k): float(v) for k, v in fields.pop("lr_from_epoch", {}).items()}
             if any(e < 1 or not v > 0 for e, v in changes.items()):
                 raise ValueError(f"lr_from_epoch {changes}: epochs from 1, rates above 0")
+            if fields.get("truncation", "local") not in ("local", "exact"):
+                raise ValueError(f"truncation {fields['truncation']!r}: 'local' or 'exact'")
             return cls(**fields, lr_from_epoch=changes)
         except (TypeError, ValueError, AttributeError) as exc:  # JSONDecodeError is a ValueError
             raise ConfigError(f"train job is malformed: {exc}") from exc

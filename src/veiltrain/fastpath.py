@@ -58,7 +58,7 @@ from typing import Any
 
 import torch
 
-from veiltrain import chains, openings, pooling, protocol, ringmath, signbits
+from veiltrain import chains, openings, pooling, protocol, ringmath, signbits, truncation
 
 _ORIGINAL: dict[str, Any] = {}
 _BEAVER = "__beaver_protocol"  # a module-level name in crypten.mpc.primitives.beaver
@@ -171,9 +171,19 @@ def _private_product(op: str, x: Any, y: Any, *args: Any, **kwargs: Any) -> Any:
     if x.encoder.scale > 1 and y.encoder.scale > 1:
         if not chains.on_two_cpu_parties(result.share):
             return result.div_(x.encoder.scale)
-        # CrypTen's div_ for two parties, by shifts (validation mode is pinned off in sessions)
-        result.share = ringmath.trunc_div_(result.share, int(x.encoder.scale))
+        # CrypTen's div_ for two parties (validation mode is pinned off in sessions), or exact
+        result.share = _truncated(result.share, int(x.encoder.scale))
     return result
+
+
+def _truncated(share: torch.Tensor, scale: int) -> torch.Tensor:
+    """A product's share back at the scale: exactly inside `truncation.exact_products` (one
+    opening more), else share by share as CrypTen does (wrong by 2^(64-f) now and then)."""
+    import crypten.communicator as comm
+
+    if truncation.active() and scale == 1 << (scale.bit_length() - 1):
+        return truncation.trunc_exact(share, scale.bit_length() - 1, comm.get().get_rank())
+    return ringmath.trunc_div_(share, scale)
 
 
 def _b2a_single_bit(bit: Any) -> Any:
@@ -369,13 +379,29 @@ def _batch_statistics(x: Any, running_mean: Any, running_var: Any, momentum: flo
     count = x.nelement() // x.size(1)
     mean = x.mean(dims)
     centered = x - mean.reshape(per_channel)
-    variance = centered.square().sum(dims).div(count)
+    variance = _sum_of_squares(centered, dims).div(count)
     if running_mean is not None and running_var is not None:
         # torch keeps the unbiased variance in the running statistics (n / (n - 1) of the batch's)
         unbiased = variance * (count / max(count - 1, 1))
         running_var.set(running_var * (1.0 - momentum) + unbiased * momentum)
         running_mean.set(running_mean * (1.0 - momentum) + mean * momentum)
     return centered, variance
+
+
+def _sum_of_squares(centered: Any, dims: list[int]) -> Any:
+    """sum(centered^2) over `dims`. When products are truncated exactly, the squares are summed
+    at the doubled scale and only the per-channel sums are truncated: C truncations instead of
+    one a value, and no bits lost before the sum (exact for |sum| < 2^30 in real terms).
+    Otherwise CrypTen's order: each square truncated, then summed."""
+    share = centered._tensor.share
+    if not (truncation.active() and chains.on_two_cpu_parties(share) and share.numel()):
+        return centered.square().sum(dims)
+    import crypten.communicator as comm
+
+    bits = int(centered.encoder.scale).bit_length() - 1
+    squares = _beaver("mul", centered._tensor, centered._tensor).share
+    total = truncation.trunc_exact(squares.sum(dims), bits, comm.get().get_rank())
+    return _like(centered, total)
 
 
 def _kernel_grad(

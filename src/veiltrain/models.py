@@ -207,6 +207,32 @@ MaxPool1d change the shape).
 _CONTAINERS: tuple[type[nn.Module], ...] = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
+_PRODUCT_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
+_NORM_LAYERS: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def forward_products(model: nn.Module, sample_shape: tuple[int, ...], batch_size: int) -> int:
+    """Values one forward pass of `batch_size` samples truncates after products of shares, from
+    shapes alone: every linear and convolution output, and BatchNorm's two products per value
+    (the centred value squared, and times weight / sqrt(var)). Products in a model's own
+    forward() (a torch.matmul) are not seen: an estimate."""
+    counts: list[int] = []
+
+    def hook(module: nn.Module, inputs: Any, out: torch.Tensor) -> None:
+        counts.append(out.numel() * (2 if isinstance(module, _NORM_LAYERS) else 1))
+
+    layers = _PRODUCT_LAYERS + _NORM_LAYERS
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, layers)]
+    model.eval()  # BatchNorm in training mode refuses a single value per channel
+    try:
+        with torch.no_grad():
+            model(torch.zeros((2, *sample_shape)))  # two samples: outputs scale with the batch
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sum(counts) * batch_size // 2
+
+
 def supported_layer_names() -> str:
     """The supported torch.nn layers, for messages."""
     return ", ".join(t.__name__ for t in SUPPORTED_LAYERS)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from safetensors.torch import save as save_safetensors
 
-from veiltrain import data, models, recordkernels, runstate, sharing, warmstart
+from veiltrain import data, models, recordkernels, runstate, sharing, truncation, warmstart
 from veiltrain.config import RunConfig
 from veiltrain.contract import (
     INFO,
@@ -482,6 +482,7 @@ def train_job(cfg: RunConfig) -> TrainJob:
         settings_hash=state.tag,
         device=cfg.device,
         timeout_s=cfg.timeout_s,
+        truncation=truncation.choose(cfg, int(state.dataset["count"]))[0],
     )
 
 

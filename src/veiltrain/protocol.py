@@ -38,10 +38,10 @@ MAX_MESSAGE_BYTES = 1 << 20
 """Dealer requests and size messages are a few hundred bytes; refuse anything near this."""
 
 TTP_FUNCTIONS = frozenset(
-    {"additive", "square", "binary", "wraps", "B2A", "select", "private_and", "tree_and"}
+    {"additive", "square", "binary", "wraps", "B2A", "select", "private_and", "tree_and", "trunc"}
 )
-"""What the dealer serves: CrypTen's TTP functions and veiltrain's `select`, `private_and`
-and `tree_and`, nothing else."""
+"""What the dealer serves: CrypTen's TTP functions and veiltrain's `select`, `private_and`,
+`tree_and` and `trunc`, nothing else."""
 TTP_OPS = frozenset(
     {"mul", "matmul", "conv1d", "conv2d", "conv_transpose1d", "conv_transpose2d", "conv2d_weight"}
 )
@@ -332,6 +332,8 @@ def result_size(function: str, args: Sequence[Any], kwargs: dict[str, Any]) -> t
         return torch.Size((3, int(args[0])))
     if function == "tree_and":
         return torch.Size((signbits.tree_rows(), int(args[0])))
+    if function == "trunc":
+        return torch.Size((2, int(args[0])))
     return torch.Size(tuple(args[0]))
 
 
@@ -579,6 +581,30 @@ def _dealer_private_and(self: Any, size: Any) -> torch.Tensor:
     return (u & v) ^ w1
 
 
+def trunc_parts(count: int, bits: int) -> tuple[torch.Tensor, Pending]:
+    """This party's part of an exact truncation of `count` values by 2^bits (veiltrain.
+    truncation): its share of a random mask r now, and when asked its (2, count) shares of
+    r >> bits (logical) and of msb(r) 2^(64 - bits)."""
+    import crypten.communicator as comm
+    from crypten.mpc.provider.ttp_provider import TTPClient
+
+    generator = TTPClient.get().get_generator(device=None)
+    r = random_ring_element((count,), generator=generator)
+    return r, _draws(generator, comm.get().get_rank(), "trunc", count, bits)
+
+
+def _dealer_trunc(self: Any, count: Any, bits: Any) -> torch.Tensor:
+    """Party 0's shares of r >> bits and msb(r) 2^(64 - bits) for the mask r = r0 + r1 that the
+    parties drew (`trunc_parts`), less party 1's draws of the same."""
+    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        raise PartyError(f"the dealer: a truncation of {count!r} values")
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 62:
+        raise PartyError(f"the dealer: a truncation by 2^{bits!r}")
+    r = self._get_additive_PRSS((count,))
+    rows = torch.stack([ringmath.shift_right_logical(r, bits), (r < 0).long() << (64 - bits)])
+    return rows.sub_(self._get_additive_PRSS(rows.size(), remove_rank=True))
+
+
 def select_parts(count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Pending]:
     """This party's part of a dealt select for `count` values: its XOR share of random bits r
     packed 64 to a word, its shares of two masks a and a' now, and (3, count) shares of r, r a
@@ -823,6 +849,7 @@ def install() -> None:
     ttp_provider.TTPServer.select = _dealer_select
     ttp_provider.TTPServer.private_and = _dealer_private_and
     ttp_provider.TTPServer.tree_and = _dealer_tree_and
+    ttp_provider.TTPServer.trunc = _dealer_trunc
     ttp_provider.TTPServer._get_additive_PRSS = _dealer_prss
     DistributedCommunicator.send_obj = send_obj
     DistributedCommunicator.recv_obj = recv_obj

@@ -11,7 +11,17 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from veiltrain import audit, checkpoints, data, ledger, lossterms, models, runstate, schedule
+from veiltrain import (
+    audit,
+    checkpoints,
+    data,
+    ledger,
+    lossterms,
+    models,
+    runstate,
+    schedule,
+    truncation,
+)
 from veiltrain.config import RunConfig
 from veiltrain.contract import (
     PRIVATE_INITIAL,
@@ -241,6 +251,8 @@ def build_report(cfg: RunConfig, stage_seconds: dict[str, float]) -> dict[str, A
     # ResNet18 on digits by 0.3-0.8 within 8 steps), so a gap can be read against it.
     rounded_shadow, rounded = shadow_training(cfg, order_seed, rec.epochs, rollbacks, rounded=True)
     acc, plain_acc = accuracy(model, test["x"], test["y"]), accuracy(shadow, test["x"], test["y"])
+    count = int(runstate.require(owner, cfg.run_id).dataset["count"])
+    mode, expected = truncation.choose(cfg, count)  # as owner.train_job chose it
     report = {
         **_settings(cfg),
         "epochs": rec.epochs,
@@ -261,6 +273,7 @@ def build_report(cfg: RunConfig, stage_seconds: dict[str, float]) -> dict[str, A
         "audit": audit.party_results([party_location(cfg, p) for p in range(cfg.parties)]),
         "reveals": ledger.entries(cfg.out, cfg.run_id),
         "rollbacks": [asdict(r) for r in rollbacks],
+        "truncation": {"mode": mode, "asked": cfg.truncation, "expected_local_wraps": expected},
     }
     _write_outputs(cfg, report, model)
     return report

@@ -101,6 +101,11 @@ def trunc_div_(t: torch.Tensor, divisor: int) -> torch.Tensor:
     return t.bitwise_right_shift_(bits)
 
 
+def shift_right_logical(t: torch.Tensor, bits: int) -> torch.Tensor:
+    """t >> bits with the words read as unsigned (zeros shifted in; torch's >> copies the sign)."""
+    return (t >> bits).bitwise_and_((1 << (64 - bits)) - 1)
+
+
 def product(op: str) -> Callable[..., Any]:
     """The torch function a Beaver product names ('mul', 'matmul', 'conv2d', ...)."""
     ours: dict[str, Callable[..., Any]] = {

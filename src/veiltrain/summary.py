@@ -25,6 +25,7 @@ def summary_lines(report: dict[str, Any], seconds: float | None = None) -> list[
         *_rounding(r),
         f"final loss: {r['losses'][-1]:.4f} (plaintext {r['plaintext_losses'][-1]:.4f})",
         f"stages: {stages}",
+        *_truncation(r),
         *audit,
         *rollbacks,
     ]
@@ -38,6 +39,20 @@ def _rounding(report: dict[str, Any]) -> list[str]:
         f"plaintext vs itself, init rounded: {report['plaintext_rounding_gap']:.4f} "
         f"(weights rounded to 2^-{report['precision_bits']}: training's own sensitivity)"
     ]
+
+
+def _truncation(report: dict[str, Any]) -> list[str]:
+    """'truncation: exact (auto: 0.014 share-wise wraps expected at local)'."""
+    chosen = report.get("truncation")
+    if chosen is None:  # reports written before it was a choice
+        return []
+    expected = chosen["expected_local_wraps"]
+    why = (
+        ""
+        if expected is None
+        else f" ({chosen['asked']}: {expected:.2g} share-wise wraps expected at local)"
+    )
+    return [f"truncation: {chosen['mode']}{why}"]
 
 
 def _rollback_line(rollbacks: list[dict[str, Any]]) -> str:

@@ -18,7 +18,7 @@ from fsspec.implementations.local import LocalFileSystem
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from veiltrain import checkpoints, data, losses, lossterms, models, mpc, schedule
+from veiltrain import checkpoints, data, losses, lossterms, models, mpc, schedule, truncation
 from veiltrain.contract import PARAMS, SPEC, ModelSpec, TrainJob, read_manifest, read_model
 from veiltrain.errors import IntegrityError
 from veiltrain.party_data import PartyData, is_shard
@@ -106,7 +106,8 @@ class Trainer:
             xe, ye = (
                 mpc.from_shares(t.to(self.job.device), self.job.precision_bits) for t in (x, y)
             )
-            out = cmodel(xe)
+            with truncation.exact_products(self.job.truncation == "exact"):
+                out = cmodel(xe)
             terms, grad = losses.value_and_grad(self.job.loss, out, ye)
             cmodel.zero_grad()
             out.backward(grad)

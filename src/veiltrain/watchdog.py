@@ -32,7 +32,8 @@ one activation 2^32 off. Emulated in a ResNet-style run, one such wrap in the fo
 that step a loss near 2e9 and left the later steps' losses healthy, but the decrypted model's
 parity with plaintext weaker (NOTES.md, thirteenth session). Its epoch is retrained once at the
 same learning rate (a retry, with fresh protocol randomness; not counted in `max_rollbacks`);
-if the epoch goes wrong again, the learning rate is lowered as for divergence.
+if the epoch goes wrong again, the learning rate is lowered as for divergence. `--truncation
+exact` (veiltrain.truncation) removes such wraps from the forward pass.
 
 The rollback record (private/watchdog.json in the owner's store) keeps the schedule, so a rerun
 of the stage, the report's plaintext shadow and a later resume all use the same learning rates.
@@ -266,7 +267,7 @@ def _note(cfg: RunConfig, found: Divergence, rollbacks: Sequence[Rollback]) -> s
         return (
             f"watchdog: {found.reason}; a lone bad step with healthy steps after it, most likely "
             f"a share-wise truncation wrap: {back}, retraining from epoch {found.epoch} at the "
-            f"same lr {last.lr:g} (a retry, once an epoch)"
+            f"same lr {last.lr:g} (a retry, once an epoch; --truncation exact avoids such wraps)"
         )
     return (
         f"watchdog: {found.reason}; {back}, retraining from epoch {found.epoch} with lr "
@@ -294,11 +295,17 @@ def _roll_back(
     if found.lone and not retried:
         return _record(cfg, [*rollbacks, Rollback(found.epoch, found.reason, lr, retry=True)])
     if _backoffs(rollbacks) >= cfg.max_rollbacks:
+        wraps = (
+            " or, as this bad step was a lone one (a share-wise truncation wrap, most likely), "
+            "rerun with --truncation exact"
+            if found.lone and job.truncation != "exact"
+            else ""
+        )
         raise DivergenceError(
             f"run {cfg.run_id}: training diverged in epoch {found.epoch} at lr {lr:g}: "
             f"{found.reason}. The watchdog rolled back {_backoffs(rollbacks)} time(s), the most "
             f"allowed (max_rollbacks {cfg.max_rollbacks}). Start a new run with a lower --lr "
-            f"(e.g. --lr {lr * LR_BACKOFF:g}); the checkpoints are left as they are"
+            f"(e.g. --lr {lr * LR_BACKOFF:g}){wraps}; the checkpoints are left as they are"
         )
     return _record(cfg, [*rollbacks, Rollback(found.epoch, found.reason, lr * LR_BACKOFF)])
 
