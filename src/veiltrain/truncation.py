@@ -12,11 +12,12 @@ t = r >> f and m = msb(r) 2^(64-f) (r, c read as unsigned). For 0 <= x + 2^62 < 
 |x| < 2^62, the sum c + r wraps exactly when msb(c) or msb(r) is set (if exactly one is set, the
 sum is at least 2^63, which x + 2^62 is not, so it wrapped), so
 
-    (x + 2^62) >> f = (c >> f) + t - 2^(64-f) [msb(c) or msb(r)] - carry,
+    (x + 2^62) >> f = (c >> f) + t - 2^(64-f) [msb(c) or msb(r)] + carry,
 
 where carry (0 or 1) is the carry out of the low f bits of c + r. With msb(c) public the wrap
-term is linear in the shared m: (x >> f) = (c >> f) + t - msb(c) 2^(64-f) - (1 - msb(c)) m -
-2^(62-f), off by at most one unit below (CrypTen's truncation is off by up to one either way).
+term is linear in the shared m, and without the carry (x >> f) = (c >> f) + t - msb(c) 2^(64-f)
+- (1 - msb(c)) m - 2^(62-f) is off by at most one unit below (CrypTen's truncation is off by up
+to one either way).
 One opening of one word a value, and the dealer's two words a value to party 0. The idea is the
 probabilistic truncation with a dealt most significant bit of Escudero et al. (CRYPTO 2020);
 the code is this project's.
