@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from test_mpc import PARTY_TIMEOUT_S, _report, _run
 from test_protocol import _Dealer
-from veiltrain import launch, owner, protocol, report, ringmath, sharing, truncation
+from veiltrain import fastpath, launch, owner, protocol, report, ringmath, sharing, truncation
 from veiltrain.config import load_config
 from veiltrain.contract import TrainJob
 from veiltrain.errors import ConfigError, PartyError
@@ -193,6 +193,8 @@ def test_auto_truncates_exactly_when_the_run_expects_a_wrap_and_says_so(tmp_path
     mode, expected = truncation.choose(small, 320)
     assert mode == "local" and expected is not None and expected < truncation.AUTO_WRAPS
     assert owner.train_job(small).truncation == "local"
+    finer = truncation.choose(small.model_copy(update={"precision_bits": 20}), 320)
+    assert finer[0] == "exact" and finer[1] == expected * 2**8  # each bit doubles the rate
     images = tmp_path / "images.npz"
     rng = np.random.default_rng(0)
     np.savez(images, x=rng.normal(size=(40, 3, 32, 32)).astype(np.float32), y=np.arange(40) % 4)
@@ -239,3 +241,10 @@ def test_exact_truncation_is_refused_where_it_is_not_built() -> None:
         ):
             load_config(truncation="exact", **options)
     assert load_config(truncation="auto", parties=3).truncation == "auto"  # local there
+
+
+def test_batchnorm_sums_squares_before_truncating_only_where_the_sum_fits() -> None:
+    # At 16 fractional bits up to 2^20 values a channel (ResNet18 at 32x32, batch 32: 32768);
+    # at 20 bits 4096, so its first layers truncate each square exactly instead.
+    assert fastpath.fused_sum_fits(1 << 20, 16) and not fastpath.fused_sum_fits((1 << 20) + 1, 16)
+    assert fastpath.fused_sum_fits(4096, 20) and not fastpath.fused_sum_fits(32768, 20)

@@ -388,17 +388,30 @@ def _batch_statistics(x: Any, running_mean: Any, running_var: Any, momentum: flo
     return centered, variance
 
 
+_FUSED_SUM_BITS = 52
+"""Fused BatchNorm sums only while n 2^2f <= 2^52: a channel's sum of squares then stays inside
+the exact truncation's domain (2^62 raw) for a batch variance up to 2^10."""
+
+
+def fused_sum_fits(per_channel: int, bits: int) -> bool:
+    """Whether BatchNorm may sum `per_channel` squares at scale 2^(2 bits) before truncating."""
+    return per_channel << (2 * bits) <= 1 << _FUSED_SUM_BITS
+
+
 def _sum_of_squares(centered: Any, dims: list[int]) -> Any:
     """sum(centered^2) over `dims`. When products are truncated exactly, the squares are summed
     at the doubled scale and only the per-channel sums are truncated: C truncations instead of
-    one a value, and no bits lost before the sum (exact for |sum| < 2^30 in real terms).
-    Otherwise CrypTen's order: each square truncated, then summed."""
+    one a value, and no bits lost before the sum, while n values a channel at 2^2f leave room
+    for a variance of 2^10 (_FUSED_SUM_BITS; at f = 16 up to 2^20 values a channel). Otherwise
+    (or outside `exact_products`) each square is truncated, then summed: CrypTen's order."""
     share = centered._tensor.share
-    if not (truncation.active() and chains.on_two_cpu_parties(share) and share.numel()):
+    bits = int(centered.encoder.scale).bit_length() - 1
+    per_channel = share.numel() // max(centered.size(1), 1)
+    on_path = truncation.active() and chains.on_two_cpu_parties(share) and share.numel()
+    if not (on_path and fused_sum_fits(per_channel, bits)):
         return centered.square().sum(dims)
     import crypten.communicator as comm
 
-    bits = int(centered.encoder.scale).bit_length() - 1
     squares = _beaver("mul", centered._tensor, centered._tensor).share
     total = truncation.trunc_exact(squares.sum(dims), bits, comm.get().get_rank())
     return _like(centered, total)
