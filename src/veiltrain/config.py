@@ -101,7 +101,7 @@ class RunConfig(BaseModel):
             "how the parties truncate the forward pass's fixed-point products: 'local' (each "
             "its own share, CrypTen's way; now and then one activation 2^32 off, about once in "
             "435 ResNet18 steps), 'exact' (one opening more per product, never that; about "
-            "1.1-1.2x the step; 2 parties on the CPU), or 'auto' (exact where "
+            "1.05-1.3x the step; 2 parties on the CPU), or 'auto' (exact where "
             "built when the run's shapes and steps expect 0.01 wraps or more, else local)"
         ),
     )
