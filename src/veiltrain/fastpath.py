@@ -179,9 +179,9 @@ def _private_product(op: str, x: Any, y: Any, *args: Any, **kwargs: Any) -> Any:
 def _truncated(share: torch.Tensor, scale: int) -> torch.Tensor:
     """A product's share back at the scale: exactly inside `truncation.exact_products` (one
     opening more), else share by share as CrypTen does (wrong by 2^(64-f) now and then)."""
-    import crypten.communicator as comm
-
     if truncation.active() and scale == 1 << (scale.bit_length() - 1):
+        import crypten.communicator as comm  # here: every product passes through this function
+
         return truncation.trunc_exact(share, scale.bit_length() - 1, comm.get().get_rank())
     return ringmath.trunc_div_(share, scale)
 
