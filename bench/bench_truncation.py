@@ -6,7 +6,8 @@ terms at f = 16), with a probability of about |x| / 2^64. This measures that pro
 real truncation code with random shares (Monte Carlo), then estimates the expected wraps of one
 training step of each model from a plaintext step's magnitudes: every convolution and linear
 output, BatchNorm's two per-value products (the centred value squared, and times
-weight / sqrt(var)), the input and kernel gradients. An estimate from a model of the protocol's
+weight / sqrt(var)), the input and kernel gradients (at losses.GRAD_SCALE x their size, as the
+parties backpropagate them). An estimate from a model of the protocol's
 truncations, not a count taken from the parties (they never see the values).
 
     python bench/bench_truncation.py [--models small-cnn,resnet-style,resnet18]
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from bench_models import build
-from veiltrain import ringmath
+from veiltrain import losses, ringmath
 from veiltrain.sharing import DEFAULT_PRECISION_BITS
 
 CASES = {"small-cnn": ((1, 8, 8), 128), "resnet-style": ((3, 32, 32), 64)}
@@ -79,6 +80,8 @@ def step_magnitudes(name: str, shape: tuple[int, ...], batch: int) -> dict[str, 
     for p in model.parameters():
         if p.dim() > 1 and p.grad is not None:
             _add(seen, "kernel gradients", p.grad)
+    for kind in ("input gradients", "kernel gradients"):  # the parties' loss scaling
+        seen[kind][1] *= losses.GRAD_SCALE
     return seen
 
 

@@ -8,7 +8,8 @@ int64 output shares to FOLDER/out_<rank>.npz. MODE "randomness": a party writes 
 it holds and shares of triples, B2A bits and zero sharings drawn from them (what an attacker
 holding this party's process would see). MODE "guard": a party applies one SGD step with the
 gradient shares `a` to zero parameters and writes its parameter shares ("guard-blocks": the same
-with the guard on sums of 4 gradients). MODE "signs": a party writes its shares of a < 0
+with the guard on sums of 4 gradients; "guard-scaled": lr 0.5 on gradients 256 x the true ones,
+as the trainer's loss scaling gives them). MODE "signs": a party writes its shares of a < 0
 (veiltrain's bit-sliced comparison and CrypTen's own) and of relu(a); "signs-stalled": the same,
 but party 1 first sleeps past the timeout, so party 0 waits in an opening. MODE "chains": a party
 writes its shares of exp(a) and inv_sqrt(b), veiltrain's and CrypTen's. MODE "trunc": a party
@@ -119,15 +120,19 @@ class _Params:
         return self._params
 
 
-def guard(rank: int, folder: Path, precision_bits: int, block: int | None = None) -> None:
-    """One SGD step (lr 1) from zero parameters with the gradient shares in `a`."""
+def guard(
+    rank: int, folder: Path, precision_bits: int, block: int | None = None, scale: int = 1
+) -> None:
+    """One SGD step (lr 1, or 0.5 on gradients `scale` x the true ones) from zero parameters
+    with the gradient shares in `a`."""
     from veiltrain import mpc
 
     with np.load(folder / f"in_{rank}.npz", allow_pickle=False) as data:
         grad = mpc.from_shares(torch.from_numpy(data["a"]), precision_bits)
     param = mpc.from_shares(torch.zeros_like(grad.share), precision_bits)
     param.grad = grad
-    mpc.sgd_step(_Params([param]), lr=1.0, grad_threshold=100.0, block=block)
+    lr = 1.0 if scale == 1 else 0.5
+    mpc.sgd_step(_Params([param]), lr=lr, grad_threshold=100.0, block=block, scale=scale)
     np.savez(folder / f"out_{rank}.npz", param=mpc.share_of(param).numpy())
 
 
@@ -399,6 +404,8 @@ def _party_work(mode: str, rank: int, folder: Path, precision_bits: int, timeout
         guard(rank, folder, precision_bits)
     elif mode == "guard-blocks":
         guard(rank, folder, precision_bits, block=4)
+    elif mode == "guard-scaled":
+        guard(rank, folder, precision_bits, scale=256)
     elif mode == "signs":
         signs(rank, folder, precision_bits)
     elif mode == "chains":

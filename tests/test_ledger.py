@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from veiltrain import launch, ledger, lossterms, owner, report, sharing
 from veiltrain.config import RunConfig, load_config
@@ -23,7 +24,7 @@ NO_REVEAL_PARTY = [sys.executable, str(Path(__file__).with_name("noreveal_party.
 def trained(tmp_path_factory: pytest.TempPathFactory) -> RunConfig:
     """A small run trained by parties in which every reconstruction path raises."""
     out = tmp_path_factory.mktemp("ledger") / "run"
-    options = {"max_samples": 120, "batch_size": 32, "test_fraction": 0.25, "epochs": 1}
+    options = {"max_samples": 120, "batch_size": 32, "test_fraction": 0.25, "epochs": 2}
     cfg = load_config(**options, timeout_s=60, out=str(out)).resolved()
     owner.encrypt_dataset(cfg)
     owner.encrypt_model(cfg)
@@ -69,7 +70,9 @@ def test_every_owner_reconstruction_is_in_the_ledger(
     # Per step, the cross-entropy's terms: one sum and one s_i per sample (veiltrain.lossterms).
     width = lossterms.width(trained.loss, trained.batch_size)
     assert by_what["training loss"]["count"] == len(result["losses"]) * width
-    assert by_what["model parameters"]["epoch"] == 1
+    # The final model, and epoch 1's for the check of epoch 2's first loss on the same weights.
+    params = [(e["epoch"], e["purpose"]) for e in entries if e["what"] == "model parameters"]
+    assert sorted(params) == [(1, "report: loss on the same weights"), (2, "report")]
     assert all(e["pid"] == os.getpid() and e["run_id"] == trained.run_id for e in entries)
     on_disk = json.loads(Path(trained.out, "report.json").read_text())
     assert on_disk["reveals"] == entries
@@ -79,4 +82,18 @@ def test_a_second_report_appends_and_never_rewrites(trained: RunConfig) -> None:
     before = ledger.entries(trained.out, trained.run_id)
     report.build_report(trained, {})
     after = ledger.entries(trained.out, trained.run_id)
-    assert after[: len(before)] == before and len(after) == len(before) + 2
+    assert after[: len(before)] == before and len(after) == len(before) + 3
+
+
+def test_a_model_with_dropout_is_not_checked_on_the_same_weights(
+    trained: RunConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Plaintext cannot replay the parties' dropout masks: no figure rather than a wrong one."""
+    restore = report.restore_model
+
+    def with_dropout(cfg: RunConfig, state: Any) -> Any:
+        return torch.nn.Sequential(restore(cfg, state), torch.nn.Dropout(0.5))
+
+    monkeypatch.setattr(report, "restore_model", with_dropout)
+    result = report.build_report(trained, {})
+    assert result["same_weights_losses"] is None and result["same_weights_gap"] is None

@@ -87,6 +87,29 @@ def test_mse_matches_torch(crypten_single: Any) -> None:
     assert float((grad.get_plain_text() - expected).abs().max()) < 1e-4
 
 
+def test_the_scaled_gradient_is_the_gradient_times_the_scale(crypten_single: Any) -> None:
+    """losses.GRAD_SCALE: the trainer backpropagates 256 x the gradient, the integer product
+    exact and taken before the division by N, so the gradient keeps 8 more bits."""
+    scale = losses.GRAD_SCALE
+    logits, labels = _batch(3.0, seed=8)
+    target = torch.nn.functional.one_hot(labels, CLASSES).float()
+    shares = crypten_single.cryptensor(logits), crypten_single.cryptensor(target)
+    expected = (logits.softmax(1) - target) / ROWS
+    plain, scaled = (losses.cross_entropy(*shares, s)[1].get_plain_text() for s in (1, scale))
+    error, scaled_error = (plain - expected).abs(), (scaled / scale - expected).abs()
+    assert float(scaled_error.max()) * ROWS < 0.01
+    # The softmax's approximation dominates what is left; the rounding of the division is gone.
+    assert float(scaled_error.mean()) < 0.6 * float(error.mean())
+    out, want = _batch(1.0, seed=9)[0], _batch(1.0, seed=10)[0]
+    expected = 2 * (out - want) / out.numel()
+    shares = crypten_single.cryptensor(out), crypten_single.cryptensor(want)
+    plain, scaled = (
+        losses.value_and_grad("mse", *shares, s)[1].get_plain_text() for s in (1, scale)
+    )
+    assert float((plain - expected).abs().max()) > 2.0**-16  # a unit of rounding, unscaled
+    assert float((scaled / scale - expected).abs().max()) < 2.0**-16 / 16
+
+
 def test_row_max_handles_ties_and_flat_rows(crypten_single: Any) -> None:
     values = torch.randn(16, CLASSES, generator=torch.Generator().manual_seed(5)) * 4
     values[0, 3] = values[0, 7] = 30.0  # a tie at the top: one winner, not the sum of both

@@ -66,3 +66,24 @@ def test_the_rounded_shadow_starts_on_the_fixed_point_grid() -> None:
     assert torch.equal(rounded["w"] * 2**16, torch.round(rounded["w"] * 2**16))
     assert 0 < (rounded["w"] - state["w"]).abs().max() <= 2**-17
     assert largest_gap([1.0, 2.0], [1.5, 1.0]) == 1.0 and largest_gap([], []) == 0.0
+
+
+def test_the_same_weights_gap_follows_the_rounding_gap_when_checked() -> None:
+    rows = [{"epoch": e, "step": 3 * e - 2, "decrypted": 1.0, "plaintext": 1.0} for e in (1, 2)]
+    report = {**REPORT, "same_weights_losses": rows, "same_weights_gap": 0.0026}
+    assert summary_lines(report)[4] == (
+        "loss gap on the same weights:      0.0026 "
+        "(first step of 2 epochs: the error of computing on shares)"
+    )
+    # A model with dropout is not checked (None): no line rather than a misleading one.
+    unchecked = {**REPORT, "same_weights_losses": None, "same_weights_gap": None}
+    assert summary_lines(unchecked) == summary_lines(REPORT)
+
+
+def test_checked_epochs_spread_from_first_to_last() -> None:
+    from veiltrain.report import checked_epochs
+
+    assert checked_epochs(3) == [1, 2, 3]
+    assert checked_epochs(8) == list(range(1, 9))
+    assert checked_epochs(100) == [1, 15, 29, 43, 58, 72, 86, 100]
+    assert checked_epochs(9, most=3) == [1, 5, 9]

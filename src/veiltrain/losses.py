@@ -7,23 +7,33 @@ from typing import Any
 import crypten
 import torch
 
+GRAD_SCALE = 256
+"""Loss scaling: the backward pass runs on GRAD_SCALE x the gradient and the update divides it
+back out (mpc.sgd_step's `scale`). Backpropagated gradients shrink layer by layer, and at
+2^-16 a unit of rounding a truncation adds was as large as the gradient itself in ResNet18's
+first layers: their kernel gradients came out 0.5-2.2 of their size off (relative norm), the
+last layer's 0.08; at 256x all are within 0.02-0.05 (NOTES.md, fifteenth session). Every step
+of the backward pass is linear in the incoming gradient, so the scale changes nothing else; it
+makes backward values 256x larger, so a share-wise truncation of one wraps 256x as often, and
+the update's guard (which drops gradients a wrap puts 2^32 off) scales its threshold to match."""
 
-def value_and_grad(kind: str, output: Any, target: Any) -> tuple[Any, Any]:
-    """What the party stores for the owner (veiltrain.lossterms) and the gradient with respect
-    to `output`, both shares, no autograd."""
-    return mse(output, target) if kind == "mse" else cross_entropy(output, target)
+
+def value_and_grad(kind: str, output: Any, target: Any, scale: int = 1) -> tuple[Any, Any]:
+    """What the party stores for the owner (veiltrain.lossterms) and `scale` times the gradient
+    with respect to `output`, both shares, no autograd."""
+    return mse(output, target, scale) if kind == "mse" else cross_entropy(output, target, scale)
 
 
-def mse(output: Any, target: Any) -> tuple[Any, Any]:
-    """Mean squared error over all elements (stored as it is) and its gradient."""
+def mse(output: Any, target: Any, scale: int = 1) -> tuple[Any, Any]:
+    """Mean squared error over all elements (stored as it is) and `scale` x its gradient."""
     with crypten.no_grad():
         diff = output.sub(target)
         loss = diff.square().mean()
-        grad = diff.mul(2.0 / diff.nelement())
+        grad = diff.mul(2.0 * scale / diff.nelement())
     return loss.reshape(1), grad
 
 
-def cross_entropy(logits: Any, target: Any) -> tuple[Any, Any]:
+def cross_entropy(logits: Any, target: Any, scale: int = 1) -> tuple[Any, Any]:
     """The cross-entropy's terms `[sum(max - z_y), s_1..s_N]` and its gradient.
 
     CrypTen takes the log of every softmax probability on shares, where its approximation is
@@ -31,7 +41,8 @@ def cross_entropy(logits: Any, target: Any) -> tuple[Any, Any]:
     off on confident predictions. In log-sum-exp form the loss is `mean(log s_i + max_i - z_y)`
     with `s_i = sum_j exp(z_ij - max_i)` in [1, K]; the owner takes the log in floating point
     (veiltrain.lossterms), so no log runs on shares at all. The gradient is CrypTen's own,
-    (softmax - target) / N, with softmax = exp(z - max) / s as CrypTen computes it.
+    (softmax - target) / N, with softmax = exp(z - max) / s as CrypTen computes it, times
+    `scale` (an integer: multiplying shares by it is exact) before the division by N.
     """
     rows, classes = logits.size()
     with crypten.no_grad():
@@ -40,7 +51,7 @@ def cross_entropy(logits: Any, target: Any) -> tuple[Any, Any]:
         total = exps.sum(dim=1, keepdim=True)
         offset = top.sub(logits.mul(target).sum(dim=1, keepdim=True)).sum().reshape(1)
         terms = crypten.cat([offset, total.reshape(-1)])
-        grad = exps.mul(_reciprocal(total, classes)).sub(target).div(rows)
+        grad = exps.mul(_reciprocal(total, classes)).sub(target).mul(scale).div(rows)
     return terms, grad
 
 

@@ -300,10 +300,13 @@ GUARD_BLOCK = 1024
 
 
 def sgd_step(
-    cmodel: Any, lr: float, grad_threshold: float = 100.0, block: int | None = None
+    cmodel: Any, lr: float, grad_threshold: float = 100.0, block: int | None = None, scale: int = 1
 ) -> None:
     """SGD update with CrypTen's overflow guard (zero gradients above the threshold) done for
     all parameters in one batched comparison rather than one comparison round per tensor.
+
+    The gradients are `scale` x the true ones (losses.GRAD_SCALE): the guard's threshold is
+    scaled alike and the update divides by it in the same truncation as the lr's product.
 
     `block` > 1 guards sums of `block` consecutive gradients against `block` x the threshold
     and zeroes a whole block that fails: a wrap-around is about 2^32 in value, far past any
@@ -317,12 +320,21 @@ def sgd_step(
         flat = crypten.cat([p.grad.flatten() for p in params])
         if block is None:
             block = 1 if flat.numel() <= ELEMENTWISE_GUARD_MAX else GUARD_BLOCK
-        flat = _guarded(flat, grad_threshold, block)
+        flat = _scaled(_guarded(flat, grad_threshold * scale, block), lr, scale)
         start = 0
         for p in params:
             size = p.grad.numel()
-            p.sub_(flat[start : start + size].reshape(p.shape).mul(lr))
+            p.sub_(flat[start : start + size].reshape(p.shape))
             start += size
+
+
+def _scaled(grads: Any, lr: float, scale: int) -> Any:
+    """lr x grads / scale with one truncation, as lr x grads alone has: lr encoded at the fixed
+    point's scale as an integer (an exact product), then one division by that scale x `scale`."""
+    if scale == 1:
+        return grads.mul(lr)
+    unit = int(grads.encoder.scale)
+    return grads.mul(round(lr * unit)).div(unit * scale)
 
 
 def _guarded(flat: Any, threshold: float, block: int) -> Any:

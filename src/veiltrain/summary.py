@@ -23,6 +23,7 @@ def summary_lines(report: dict[str, Any], seconds: float | None = None) -> list[
         f"plaintext shadow accuracy:         {r['plaintext_test_accuracy']:.2%}",
         f"largest loss gap vs plaintext:     {r['max_loss_gap']:.4f}",
         *_rounding(r),
+        *_same_weights(r),
         f"final loss: {r['losses'][-1]:.4f} (plaintext {r['plaintext_losses'][-1]:.4f})",
         f"stages: {stages}",
         *_truncation(r),
@@ -38,6 +39,18 @@ def _rounding(report: dict[str, Any]) -> list[str]:
     return [
         f"plaintext vs itself, init rounded: {report['plaintext_rounding_gap']:.4f} "
         f"(weights rounded to 2^-{report['precision_bits']}: training's own sensitivity)"
+    ]
+
+
+def _same_weights(report: dict[str, Any]) -> list[str]:
+    """The decrypted loss against plaintext's on the parties' own weights, where checked."""
+    rows = report.get("same_weights_losses")
+    if not rows:  # a model with dropout, or a report written before it was checked
+        return []
+    return [
+        f"loss gap on the same weights:      {report['same_weights_gap']:.4f} "
+        f"(first step of {len(rows)} epoch{'s' if len(rows) > 1 else ''}: the error of "
+        "computing on shares)"
     ]
 
 

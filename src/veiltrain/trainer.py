@@ -108,10 +108,10 @@ class Trainer:
             )
             with truncation.exact_products(self.job.truncation == "exact"):
                 out = cmodel(xe)
-            terms, grad = losses.value_and_grad(self.job.loss, out, ye)
+            terms, grad = losses.value_and_grad(self.job.loss, out, ye, losses.GRAD_SCALE)
             cmodel.zero_grad()
             out.backward(grad)
-            mpc.sgd_step(cmodel, lr)
+            mpc.sgd_step(cmodel, lr, scale=losses.GRAD_SCALE)
             curve.append(self._stored(terms))
             emit(
                 "step",

@@ -83,9 +83,10 @@ def choose(cfg: RunConfig, count: int) -> tuple[Mode, float | None]:
 @contextmanager
 def exact_products(enabled: bool = True) -> Iterator[None]:
     """Within: the fast path truncates every fixed-point product of shares exactly (`active`).
-    The trainer wraps the forward pass in it when the job asks for exact truncation: the
-    forward's products (activations, about 1 in size) carry the risk; gradients are about 1e-5
-    and wrap about 1e-5 times as often."""
+    The trainer wraps the forward pass in it when the job asks for exact truncation: a wrap
+    there corrupts the step's loss. The backward pass stays share-wise: a wrapped kernel
+    gradient is dropped by the update's guard, and wraps emulated in input and kernel gradients
+    left training as it was (README, "Truncation wraps")."""
     saved = _active[0]
     _active[0] = enabled
     try:
