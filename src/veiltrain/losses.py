@@ -12,7 +12,7 @@ GRAD_SCALE = 256
 back out (mpc.sgd_step's `scale`). Backpropagated gradients shrink layer by layer, and at
 2^-16 a unit of rounding a truncation adds was as large as the gradient itself in ResNet18's
 first layers: their kernel gradients came out 0.5-2.2 of their size off (relative norm), the
-last layer's 0.08; at 256x all are within 0.02-0.05 (NOTES.md, fifteenth session). Every step
+last layer's 0.08; at 256x all are within 0.013-0.027 (NOTES.md, fifteenth session). Every step
 of the backward pass is linear in the incoming gradient, so the scale changes nothing else; it
 makes backward values 256x larger, so a share-wise truncation of one wraps 256x as often, and
 the update's guard (which drops gradients a wrap puts 2^32 off) scales its threshold to match."""

@@ -356,6 +356,7 @@ def build_report(cfg: RunConfig, stage_seconds: dict[str, float]) -> dict[str, A
 
 
 def _same_gap(rows: list[dict[str, float]]) -> float:
+    """The largest decrypted-against-plaintext difference of the checked steps."""
     return max((abs(r["decrypted"] - r["plaintext"]) for r in rows), default=0.0)
 
 
