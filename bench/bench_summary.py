@@ -56,7 +56,7 @@ CASES = {
         "resnet-style", batch=64, stock_steps=4, warmup=1, lr=0.05, samples=256
     ),
     # One step an epoch, so that the report checks every step's loss on the parties' own weights
-    # (a ResNet18's curve drifts from the shadow's by training's own chaos: see fidelity()).
+    # (ResNet18's loss goal: TRAJECTORY_MODELS).
     "resnet18": ModelCase(
         "resnet18", batch=32, stock_steps=2, warmup=1, lr=0.05, samples=32, epochs=3
     ),
@@ -612,8 +612,9 @@ def _train_goals(summary: dict[str, Any]) -> dict[str, Any]:
 
 TRAJECTORY_MODELS = ("small-cnn", "resnet-style")
 """The issue's fidelity models, whose curves are compared with the shadow's step for step. A
-ResNet18's curve leaves the shadow's by more than 0.01 from rounding its initial weights alone
-(plaintext against itself), so its goal is the loss on the parties' own weights at every step."""
+ResNet18's curve can leave the shadow's by more than 0.01 from rounding its initial weights
+alone (plaintext against itself: 0.014-0.042 over 3 steps on 96 synthetic samples, 0.44 over 8
+on digits), so its goal is the loss on the parties' own weights at every step."""
 
 
 def _loss_goal(name: str, f: dict[str, Any]) -> dict[str, Any]:
