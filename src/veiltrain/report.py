@@ -44,11 +44,19 @@ from veiltrain.watchdog import load as load_rollbacks
 class Reconstruction:
     """What only the owner ever sees: the decrypted loss curve and parameters."""
 
-    epochs: int
-    attempt: int
-    """The training attempt of the final checkpoint (a warm start checks it against its own)."""
+    attempts: list[int]
+    """The training attempt of each epoch's checkpoint, 1 to the last."""
     losses: list[float]
     state: dict[str, torch.Tensor]
+
+    @property
+    def epochs(self) -> int:
+        return len(self.attempts)
+
+    @property
+    def attempt(self) -> int:
+        """The training attempt of the final checkpoint (a warm start checks it against its own)."""
+        return self.attempts[-1]
 
 
 def _identity(cfg: RunConfig) -> checkpoints.Identity:
@@ -89,7 +97,7 @@ def reconstruct(cfg: RunConfig, model: bool = True, purpose: str = "report") -> 
     state = _reveal_params(cfg, ident, attempts, purpose) if model else {}
     count = int(runstate.require(owner_location(cfg), cfg.run_id).dataset["count"])
     losses = lossterms.finish(values, count, cfg.batch_size)
-    return Reconstruction(len(attempts), attempts[-1], [float(v) for v in losses], state)
+    return Reconstruction(attempts, [float(v) for v in losses], state)
 
 
 def _agreed_attempts(cfg: RunConfig) -> tuple[checkpoints.Identity, list[int]]:
@@ -225,7 +233,7 @@ def checked_epochs(epochs: int, most: int = SAME_WEIGHT_EPOCHS) -> list[int]:
 
 
 def same_weights_losses(
-    cfg: RunConfig, losses: Sequence[float], order_seed: int
+    cfg: RunConfig, rec: Reconstruction, order_seed: int
 ) -> list[dict[str, float]] | None:
     """Each checked epoch's first decrypted loss against plaintext's on the same weights and batch.
 
@@ -234,19 +242,21 @@ def same_weights_losses(
     are the parties' own, decrypted, so the gap is the error of computing the loss on shares.
     None for a model with dropout: plaintext cannot replay the parties' masks.
     """
-    ident, attempts = _agreed_attempts(cfg)
+    ident = _identity(cfg)
     x, y = (torch.from_numpy(a) for a in training_split(cfg))
     steps = schedule.steps_per_epoch(len(x), cfg.batch_size)
+    classes = int(runstate.require(owner_location(cfg), cfg.run_id).dataset["num_classes"])
     rows = []
-    for epoch in checked_epochs(len(attempts)):
-        model = restore_model(cfg, _weights_before(cfg, ident, attempts[: epoch - 1]))
+    for epoch in checked_epochs(rec.epochs):
+        model = restore_model(cfg, _weights_before(cfg, ident, rec.attempts[: epoch - 1]))
         if any(isinstance(m, _DROPOUTS) for m in model.modules()):
             return None
         idx = torch.from_numpy(data.batch_order(len(x), epoch, order_seed)[: cfg.batch_size])
-        plain = _batch_loss(cfg, model, x[idx], y[idx])
+        with torch.no_grad():  # training mode: BatchNorm on the batch's statistics, as on shares
+            plain = float(_plain_loss(cfg.loss, model.train()(x[idx]), y[idx], classes))
         step = (epoch - 1) * steps
         rows.append(
-            {"epoch": epoch, "step": step + 1, "decrypted": losses[step], "plaintext": plain}
+            {"epoch": epoch, "step": step + 1, "decrypted": rec.losses[step], "plaintext": plain}
         )
     return rows
 
@@ -260,13 +270,6 @@ def _weights_before(
         initial = load_safetensors(owner_location(cfg).read_bytes(PRIVATE_INITIAL))
         return round_to_fixed_point(initial, cfg.precision_bits)
     return _reveal_params(cfg, ident, earlier, "report: loss on the same weights")
-
-
-def _batch_loss(cfg: RunConfig, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Plaintext training-mode loss of one batch (BatchNorm on the batch's statistics)."""
-    classes = int(runstate.require(owner_location(cfg), cfg.run_id).dataset["num_classes"])
-    with torch.no_grad():
-        return float(_plain_loss(cfg.loss, model.train()(x), y, classes))
 
 
 def round_to_fixed_point(state: dict[str, torch.Tensor], bits: int) -> dict[str, torch.Tensor]:
@@ -324,7 +327,7 @@ def build_report(cfg: RunConfig, stage_seconds: dict[str, float]) -> dict[str, A
     # ResNet18 on digits by 0.3-0.8 within 8 steps), so a gap can be read against it.
     rounded_shadow, rounded = shadow_training(cfg, order_seed, rec.epochs, rollbacks, rounded=True)
     acc, plain_acc = accuracy(model, test["x"], test["y"]), accuracy(shadow, test["x"], test["y"])
-    same = same_weights_losses(cfg, rec.losses, order_seed)
+    same = same_weights_losses(cfg, rec, order_seed)
     count = int(runstate.require(owner, cfg.run_id).dataset["count"])
     mode, expected = truncation.choose(cfg, count)  # as owner.train_job chose it
     report = {
